@@ -1,0 +1,332 @@
+//! Body types of the proxy.
+//!
+//! * [`ReqBody`] goes upstream: the client's streaming body with an idle
+//!   timeout (no frame for `body_idle_timeout` → error), or a small fixed body
+//!   for cyan's own requests. When the client's body ends it fires a
+//!   [`BodySent`] signal so the upstream response timer starts only then (a
+//!   1 GiB upload must not trip the response-head timeout).
+//! * [`RespBody`] goes to the client: the upstream's streaming body, or a
+//!   short fixed body (errors, rejections). It carries the [`RequestGuard`]
+//!   whose drop is the one place a request is accounted for: metrics,
+//!   in-flight counters, the connection pool check-in.
+//!
+//! An upstream body error is passed on as an error, so the client sees an
+//! aborted response (HTTP/1.1: connection closed before the end; HTTP/2:
+//! RST_STREAM), never a shorter response that looks complete.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::Notify;
+use tokio::time::Sleep;
+
+use crate::metrics::{ErrorKind, PoolMetrics};
+use crate::server::ConnActivity;
+use crate::upstream::{Pooled, Upstream};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The client stopped sending its body for longer than `body_idle_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body idle for longer than {0:?}")]
+pub struct BodyIdleTimeout(pub Duration);
+
+/// Signalled when a request body has been fully read.
+pub type BodySent = Arc<Notify>;
+
+/// A body sent upstream.
+#[derive(Debug)]
+pub enum ReqBody {
+    Empty,
+    Full(Option<Bytes>),
+    Client(ClientBody),
+}
+
+/// The client's request body with an idle timeout.
+#[derive(Debug)]
+pub struct ClientBody {
+    inner: Incoming,
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    sent: Option<BodySent>,
+}
+
+impl ReqBody {
+    /// Wraps a client body. Returns the "body fully sent" signal when the
+    /// body is not already known to be empty.
+    pub fn client(inner: Incoming, idle: Duration) -> (ReqBody, Option<BodySent>) {
+        if inner.is_end_stream() {
+            return (ReqBody::Empty, None);
+        }
+        let sent = Arc::new(Notify::new());
+        let body = ClientBody {
+            inner,
+            idle,
+            timer: None,
+            sent: Some(sent.clone()),
+        };
+        (ReqBody::Client(body), Some(sent))
+    }
+}
+
+impl ClientBody {
+    fn finish(&mut self) {
+        if let Some(sent) = self.sent.take() {
+            sent.notify_one();
+        }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::Empty => Poll::Ready(None),
+            ReqBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ReqBody::Client(b) => match Pin::new(&mut b.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(t) = b.timer.as_mut() {
+                        t.as_mut()
+                            .reset(tokio::time::Instant::now() + b.idle);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => {
+                    b.finish();
+                    Poll::Ready(None)
+                }
+                Poll::Pending => {
+                    let idle = b.idle;
+                    let timer = b
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(idle))))),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Full(d) => d.is_none(),
+            ReqBody::Client(b) => b.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            ReqBody::Client(b) => b.inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        // A body dropped early (upstream answered before reading it all)
+        // still releases whoever waits to start the response timer.
+        self.finish();
+    }
+}
+
+/// Everything to account for when a request ends, however it ends.
+#[derive(Debug)]
+pub struct RequestGuard {
+    conn: Arc<ConnActivity>,
+    upstream: Option<UpstreamPart>,
+}
+
+#[derive(Debug)]
+struct UpstreamPart {
+    metrics: Arc<PoolMetrics>,
+    upstream: Arc<Upstream>,
+    pooled: Option<Pooled>,
+    start: Instant,
+    status: u16,
+    complete: bool,
+}
+
+impl RequestGuard {
+    /// Starts accounting for a request on a client connection.
+    pub fn new(conn: Arc<ConnActivity>) -> RequestGuard {
+        conn.request_started();
+        RequestGuard {
+            conn,
+            upstream: None,
+        }
+    }
+
+    /// Records that the request is being served by `upstream`: the endpoint
+    /// and pool in-flight counts go up now and down on drop.
+    pub fn attach_upstream(
+        &mut self,
+        metrics: Arc<PoolMetrics>,
+        upstream: Arc<Upstream>,
+        start: Instant,
+    ) {
+        upstream.in_flight_inc();
+        metrics.in_flight.inc();
+        self.upstream = Some(UpstreamPart {
+            metrics,
+            upstream,
+            pooled: None,
+            start,
+            status: 502,
+            complete: false,
+        });
+    }
+
+    /// Moves accounting to another endpoint (a retry).
+    pub fn detach_upstream(&mut self) {
+        if let Some(u) = self.upstream.take() {
+            u.upstream.in_flight_dec();
+            u.metrics.in_flight.dec();
+        }
+    }
+
+    /// The status sent to the client and the connection to return to the
+    /// pool once the body has been read to its end.
+    pub fn set_response(&mut self, status: u16, pooled: Option<Pooled>) {
+        if let Some(u) = self.upstream.as_mut() {
+            u.status = status;
+            u.pooled = pooled;
+        }
+    }
+
+    fn body_complete(&mut self) {
+        if let Some(u) = self.upstream.as_mut() {
+            u.complete = true;
+        }
+    }
+
+    fn body_failed(&mut self) {
+        if let Some(u) = self.upstream.as_mut() {
+            if !u.complete {
+                u.metrics.count_error(ErrorKind::Reset);
+            }
+        }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.conn.request_finished();
+        if let Some(u) = self.upstream.take() {
+            u.upstream.in_flight_dec();
+            u.metrics.in_flight.dec();
+            u.metrics.count_status(u.status);
+            u.metrics.duration.observe(u.start.elapsed().as_secs_f64());
+            if u.complete {
+                if let Some(p) = u.pooled {
+                    u.upstream.check_in(p);
+                }
+            }
+        }
+    }
+}
+
+/// A body sent to the client.
+#[derive(Debug)]
+pub struct RespBody {
+    inner: RespInner,
+    guard: Option<RequestGuard>,
+}
+
+#[derive(Debug)]
+enum RespInner {
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+impl RespBody {
+    /// A short fixed body.
+    pub fn full(data: impl Into<Bytes>, guard: Option<RequestGuard>) -> RespBody {
+        let data = data.into();
+        RespBody {
+            inner: RespInner::Full((!data.is_empty()).then_some(data)),
+            guard,
+        }
+    }
+
+    /// The upstream's body, streamed.
+    pub fn upstream(inner: Incoming, mut guard: RequestGuard) -> RespBody {
+        // hyper never polls a body that is already at its end (204, HEAD):
+        // such a response is complete as it stands.
+        if inner.is_end_stream() {
+            guard.body_complete();
+        }
+        RespBody {
+            inner: RespInner::Upstream(inner),
+            guard: Some(guard),
+        }
+    }
+
+    fn complete(&mut self) {
+        if let Some(g) = self.guard.as_mut() {
+            g.body_complete();
+        }
+        // Account now rather than when hyper drops the body.
+        self.guard = None;
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
+            RespInner::Full(d) => Poll::Ready(d.take().map(|d| Ok(Frame::data(d)))),
+            RespInner::Upstream(b) => match Pin::new(b).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(g) = this.guard.as_mut() {
+                        g.body_failed();
+                    }
+                    Poll::Ready(Some(Err(e.into())))
+                }
+                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        };
+        if let Poll::Ready(None) = polled {
+            this.complete();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            RespInner::Full(d) => d.is_none(),
+            RespInner::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            RespInner::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            RespInner::Upstream(b) => b.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,1092 @@
+//! Configuration in two stages: raw serde types that mirror the TOML file
+//! (unknown keys are errors), then [`Config`], the validated runtime form.
+//!
+//! Validation collects *every* problem instead of stopping at the first, each
+//! naming the key it is about (`service[gateway].candidate_percent`), so
+//! `cyan check` can list them all at once. The annotated example in
+//! `config/cyan.example.toml` is the operator's reference; a test parses it.
+//!
+//! Durations are strings with a unit: `"250ms"`, `"10s"`, `"5m"`, `"1h"`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::HeaderName;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The two pools of every service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Color {
+    Blue,
+    Green,
+}
+
+impl Color {
+    /// The other color.
+    pub fn other(self) -> Color {
+        match self {
+            Color::Blue => Color::Green,
+            Color::Green => Color::Blue,
+        }
+    }
+
+    /// Index into `[blue, green]` arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Color::Blue => "blue",
+            Color::Green => "green",
+        }
+    }
+
+    /// Parses `blue` / `green`, ASCII case-insensitively.
+    pub fn from_bytes(b: &[u8]) -> Option<Color> {
+        if b.eq_ignore_ascii_case(b"blue") {
+            Some(Color::Blue)
+        } else if b.eq_ignore_ascii_case(b"green") {
+            Some(Color::Green)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Color {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw types: exactly the file's shape.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<RawListener>,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    worker_threads: Option<usize>,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: String,
+    listen: String,
+    tls: Option<RawListenerTls>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    #[serde(default)]
+    proxy_protocol: bool,
+    max_connections: Option<usize>,
+    max_header_bytes: Option<usize>,
+    handshake_timeout: Option<String>,
+    header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    body_idle_timeout: Option<String>,
+    h2_max_concurrent_streams: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListenerTls {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    sni_certs: Vec<RawCertPair>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertPair {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    hosts: Option<Vec<String>>,
+    path_prefix: Option<String>,
+    listeners: Option<Vec<String>>,
+    stable: Option<Color>,
+    candidate_percent: Option<f64>,
+    sticky: Option<RawSticky>,
+    salt: Option<String>,
+    override_header: Option<String>,
+    override_secret: Option<String>,
+    color_header: Option<String>,
+    #[serde(default)]
+    upstream: RawUpstream,
+    blue: RawPool,
+    green: RawPool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSticky {
+    header: Option<String>,
+    cookie: Option<String>,
+    client_ip: Option<bool>,
+}
+
+/// Upstream settings; on a service they are defaults for both pools, on a pool
+/// they override the service's.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    protocol: Option<Protocol>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_idle_per_endpoint: Option<usize>,
+    tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    endpoints: Vec<String>,
+    protocol: Option<Protocol>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_idle_per_endpoint: Option<usize>,
+    tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    ca: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Validated types.
+// ---------------------------------------------------------------------------
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub runtime: RuntimeConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub services: Vec<ServiceConfig>,
+}
+
+/// `[runtime]`: process-wide settings.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads; `None` = one per core.
+    pub worker_threads: Option<usize>,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
+}
+
+/// `[[listener]]`: one bound socket with its client-side limits.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub tls: Option<ListenerTls>,
+    /// Peers whose X-Forwarded-For / PROXY header is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Expect a PROXY protocol v1/v2 header from trusted peers.
+    pub proxy_protocol: bool,
+    pub max_connections: usize,
+    /// Cap on the request head (request line + headers); larger heads get 431.
+    pub max_header_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl ListenerConfig {
+    /// Whether `ip` is one of the listener's trusted proxies.
+    pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) compare as IPv4.
+pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => ip,
+        },
+        v4 => v4,
+    }
+}
+
+/// PEM certificate chain and key files of a TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// More certificates, each chosen when the client's SNI matches one of its
+    /// DNS names; `cert` serves clients whose SNI matches none.
+    pub sni_certs: Vec<(PathBuf, PathBuf)>,
+}
+
+/// How a service's requests are keyed for sticky routing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sticky {
+    Header(HeaderName),
+    Cookie(String),
+    ClientIp,
+}
+
+/// A Host pattern, lowercase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Any,
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`.
+    Suffix(String),
+}
+
+/// The override header that forces a color.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverrideConfig {
+    pub header: HeaderName,
+    /// When set, the header must read `<color>:<secret>`.
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub hosts: Vec<HostPattern>,
+    pub path_prefix: String,
+    /// Listener names this service is served on; empty = every listener.
+    pub listeners: Vec<String>,
+    pub stable: Color,
+    /// Candidate share in basis points (0..=10000).
+    pub candidate_bp: u16,
+    pub sticky: Option<Sticky>,
+    pub salt: String,
+    pub override_: Option<OverrideConfig>,
+    /// Response header naming the color that served, when set.
+    pub color_header: Option<HeaderName>,
+    pub blue: PoolConfig,
+    pub green: PoolConfig,
+}
+
+impl ServiceConfig {
+    pub fn pool(&self, color: Color) -> &PoolConfig {
+        match color {
+            Color::Blue => &self.blue,
+            Color::Green => &self.green,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub endpoints: Vec<SocketAddr>,
+    pub upstream: UpstreamSettings,
+}
+
+/// The protocol cyan speaks to a pool's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 (over TLS when `tls` is set).
+    Http1,
+    /// HTTP/2 over TLS (ALPN `h2`); needs `tls`.
+    H2,
+    /// HTTP/2 over cleartext TCP, prior knowledge.
+    H2c,
+}
+
+/// How cyan talks to one pool's endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSettings {
+    pub protocol: Protocol,
+    pub connect_timeout: Duration,
+    /// From the request being sent to the response head arriving.
+    pub response_timeout: Duration,
+    /// Idle pooled connections older than this are closed.
+    pub idle_timeout: Duration,
+    pub max_idle_per_endpoint: usize,
+    pub tls: Option<UpstreamTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// PEM bundle of trusted CAs; the system's roots when absent.
+    pub ca: Option<PathBuf>,
+    /// SNI and verified name; the endpoint's IP when absent.
+    pub server_name: Option<String>,
+}
+
+/// Defaults, in one place so the example file and the code agree.
+pub mod defaults {
+    use std::time::Duration;
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+    pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
+}
+
+// ---------------------------------------------------------------------------
+// Errors.
+// ---------------------------------------------------------------------------
+
+/// One thing wrong with a config, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.file {
+            Some(p) => write!(f, "invalid config {}:", p.display())?,
+            None => write!(f, "invalid config:")?,
+        }
+        for p in &self.problems {
+            if p.key.is_empty() {
+                write!(f, "\n  - {}", p.message)?;
+            } else {
+                write!(f, "\n  - {}: {}", p.key, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: String, raw: Option<&str>, default: Duration) -> Duration {
+        match raw {
+            None => default,
+            Some(s) => match parse_duration(s) {
+                Ok(d) if d.is_zero() => {
+                    self.push(key, "must be greater than zero");
+                    default
+                }
+                Ok(d) => d,
+                Err(e) => {
+                    self.push(key, e);
+                    default
+                }
+            },
+        }
+    }
+}
+
+/// Parses `"250ms"`, `"10s"`, `"1.5s"`, `"5m"`, `"1h"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("`{s}` has no unit (use ms, s, m or h, e.g. \"500ms\")"))?;
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. \"500ms\", \"10s\", \"5m\")"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("`{s}` has unknown unit `{unit}` (use ms, s, m or h)")),
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 365.0 * 86400.0 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Formats a duration the way the config spells it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+/// Converts a percentage with at most two decimals to basis points.
+pub fn percent_to_bp(p: f64) -> Result<u16, String> {
+    if !p.is_finite() || !(0.0..=100.0).contains(&p) {
+        return Err(format!("{p} is out of range 0..100"));
+    }
+    let scaled = p * 100.0;
+    let bp = scaled.round();
+    if (scaled - bp).abs() > 1e-6 {
+        return Err(format!("{p} has more than two decimals"));
+    }
+    Ok(bp as u16)
+}
+
+/// Basis points as a percentage.
+pub fn bp_to_percent(bp: u16) -> f64 {
+    f64::from(bp) / 100.0
+}
+
+// ---------------------------------------------------------------------------
+// Loading.
+// ---------------------------------------------------------------------------
+
+impl Config {
+    /// Reads and validates a config file. Relative paths inside it (certs)
+    /// are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_path_buf()),
+            problems: vec![Problem {
+                key: String::new(),
+                message: format!("cannot read {}: {e}", path.display()),
+            }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse_with_base(&text, base).map_err(|mut e| {
+            e.file = Some(path.to_path_buf());
+            e
+        })
+    }
+
+    /// Parses and validates config text; relative paths resolve against the
+    /// current directory.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with_base(text, Path::new("."))
+    }
+
+    fn parse_with_base(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: None,
+            problems: vec![Problem {
+                key: String::new(),
+                message: e.to_string().trim_end().replace('\n', "\n    "),
+            }],
+        })?;
+        validate(raw, base)
+    }
+}
+
+fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+    let mut p = Problems::default();
+
+    if raw.runtime.worker_threads == Some(0) {
+        p.push("runtime.worker_threads", "must be at least 1 (omit it for one per core)");
+    }
+    let runtime = RuntimeConfig {
+        worker_threads: raw.runtime.worker_threads.filter(|n| *n > 0),
+        drain_timeout: p.duration(
+            "runtime.drain_timeout".into(),
+            raw.runtime.drain_timeout.as_deref(),
+            defaults::DRAIN_TIMEOUT,
+        ),
+    };
+
+    if raw.listeners.is_empty() {
+        p.push("listener", "at least one [[listener]] is required");
+    }
+    let mut listeners = Vec::with_capacity(raw.listeners.len());
+    for (i, l) in raw.listeners.into_iter().enumerate() {
+        let key = if l.name.is_empty() {
+            format!("listener[{i}]")
+        } else {
+            format!("listener[{}]", l.name)
+        };
+        if let Some(cfg) = validate_listener(l, &key, base, &mut p) {
+            listeners.push(cfg);
+        }
+    }
+    for (i, a) in listeners.iter().enumerate() {
+        for b in &listeners[..i] {
+            if a.name == b.name {
+                p.push(format!("listener[{}].name", a.name), "duplicate listener name");
+            }
+            if a.listen == b.listen {
+                p.push(
+                    format!("listener[{}].listen", a.name),
+                    format!("{} is already used by listener `{}`", a.listen, b.name),
+                );
+            }
+        }
+    }
+
+    if raw.services.is_empty() {
+        p.push("service", "at least one [[service]] is required");
+    }
+    let mut services = Vec::with_capacity(raw.services.len());
+    for (i, s) in raw.services.into_iter().enumerate() {
+        let key = if s.name.is_empty() {
+            format!("service[{i}]")
+        } else {
+            format!("service[{}]", s.name)
+        };
+        if let Some(cfg) = validate_service(s, &key, base, &listeners, &mut p) {
+            services.push(cfg);
+        }
+    }
+    for (i, a) in services.iter().enumerate() {
+        if services[..i].iter().any(|b| b.name == a.name) {
+            p.push(format!("service[{}].name", a.name), "duplicate service name");
+        }
+        for b in &services[..i] {
+            let same_listener = a.listeners.is_empty()
+                || b.listeners.is_empty()
+                || a.listeners.iter().any(|l| b.listeners.contains(l));
+            if same_listener
+                && a.path_prefix == b.path_prefix
+                && a.hosts.iter().any(|h| b.hosts.contains(h))
+            {
+                p.push(
+                    format!("service[{}].hosts", a.name),
+                    format!(
+                        "same host and path_prefix `{}` as service `{}`: one of them could never match",
+                        a.path_prefix, b.name
+                    ),
+                );
+            }
+        }
+    }
+
+    if p.0.is_empty() {
+        Ok(Config {
+            runtime,
+            listeners,
+            services,
+        })
+    } else {
+        Err(ConfigError {
+            file: None,
+            problems: p.0,
+        })
+    }
+}
+
+fn resolve(base: &Path, path: PathBuf) -> PathBuf {
+    if path.is_absolute() {
+        path
+    } else {
+        base.join(path)
+    }
+}
+
+fn check_readable(p: &mut Problems, key: String, path: &Path) {
+    if let Err(e) = std::fs::File::open(path) {
+        p.push(key, format!("cannot read {}: {e}", path.display()));
+    }
+}
+
+fn validate_listener(
+    l: RawListener,
+    key: &str,
+    base: &Path,
+    p: &mut Problems,
+) -> Option<ListenerConfig> {
+    if l.name.is_empty() {
+        p.push(format!("{key}.name"), "must not be empty");
+    }
+    let listen = match l.listen.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            p.push(
+                format!("{key}.listen"),
+                format!("`{}` is not an IP:PORT address", l.listen),
+            );
+            None
+        }
+    };
+    let tls = l.tls.map(|t| {
+        let cert = resolve(base, t.cert);
+        let key_path = resolve(base, t.key);
+        check_readable(p, format!("{key}.tls.cert"), &cert);
+        check_readable(p, format!("{key}.tls.key"), &key_path);
+        let mut sni_certs = Vec::new();
+        for (i, pair) in t.sni_certs.into_iter().enumerate() {
+            let c = resolve(base, pair.cert);
+            let k = resolve(base, pair.key);
+            check_readable(p, format!("{key}.tls.sni_certs[{i}].cert"), &c);
+            check_readable(p, format!("{key}.tls.sni_certs[{i}].key"), &k);
+            sni_certs.push((c, k));
+        }
+        ListenerTls {
+            cert,
+            key: key_path,
+            sni_certs,
+        }
+    });
+    let mut trusted_proxies = Vec::new();
+    for (i, t) in l.trusted_proxies.iter().enumerate() {
+        match t
+            .parse::<IpNet>()
+            .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from))
+        {
+            Ok(n) => trusted_proxies.push(n),
+            Err(_) => p.push(
+                format!("{key}.trusted_proxies[{i}]"),
+                format!("`{t}` is not an IP address or CIDR network"),
+            ),
+        }
+    }
+    if l.proxy_protocol && trusted_proxies.is_empty() {
+        p.push(
+            format!("{key}.proxy_protocol"),
+            "needs trusted_proxies: PROXY headers are only believed from them",
+        );
+    }
+    let max_connections = l.max_connections.unwrap_or(defaults::MAX_CONNECTIONS);
+    if max_connections == 0 {
+        p.push(format!("{key}.max_connections"), "must be at least 1");
+    }
+    let max_header_bytes = l.max_header_bytes.unwrap_or(defaults::MAX_HEADER_BYTES);
+    if !(1024..=1024 * 1024).contains(&max_header_bytes) {
+        p.push(
+            format!("{key}.max_header_bytes"),
+            format!("{max_header_bytes} is out of range 1024..=1048576"),
+        );
+    }
+    let h2_max_concurrent_streams = l
+        .h2_max_concurrent_streams
+        .unwrap_or(defaults::H2_MAX_CONCURRENT_STREAMS);
+    if h2_max_concurrent_streams == 0 {
+        p.push(format!("{key}.h2_max_concurrent_streams"), "must be at least 1");
+    }
+    let cfg = ListenerConfig {
+        name: l.name,
+        listen: listen?,
+        tls,
+        trusted_proxies,
+        proxy_protocol: l.proxy_protocol,
+        max_connections,
+        max_header_bytes,
+        handshake_timeout: p.duration(
+            format!("{key}.handshake_timeout"),
+            l.handshake_timeout.as_deref(),
+            defaults::HANDSHAKE_TIMEOUT,
+        ),
+        header_timeout: p.duration(
+            format!("{key}.header_timeout"),
+            l.header_timeout.as_deref(),
+            defaults::HEADER_TIMEOUT,
+        ),
+        idle_timeout: p.duration(
+            format!("{key}.idle_timeout"),
+            l.idle_timeout.as_deref(),
+            defaults::IDLE_TIMEOUT,
+        ),
+        body_idle_timeout: p.duration(
+            format!("{key}.body_idle_timeout"),
+            l.body_idle_timeout.as_deref(),
+            defaults::BODY_IDLE_TIMEOUT,
+        ),
+        h2_max_concurrent_streams,
+    };
+    Some(cfg)
+}
+
+fn validate_service(
+    s: RawService,
+    key: &str,
+    base: &Path,
+    listeners: &[ListenerConfig],
+    p: &mut Problems,
+) -> Option<ServiceConfig> {
+    if s.name.is_empty() {
+        p.push(format!("{key}.name"), "must not be empty");
+    } else if !s
+        .name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        p.push(
+            format!("{key}.name"),
+            "may only contain letters, digits, '-', '_' and '.' (it appears in URLs and metric labels)",
+        );
+    }
+    let raw_hosts = s.hosts.unwrap_or_else(|| vec!["*".into()]);
+    if raw_hosts.is_empty() {
+        p.push(format!("{key}.hosts"), "must list at least one host (\"*\" matches any)");
+    }
+    let mut hosts = Vec::with_capacity(raw_hosts.len());
+    for (i, h) in raw_hosts.iter().enumerate() {
+        match parse_host_pattern(h) {
+            Ok(pat) => hosts.push(pat),
+            Err(e) => p.push(format!("{key}.hosts[{i}]"), e),
+        }
+    }
+    let path_prefix = s.path_prefix.unwrap_or_else(|| "/".into());
+    if !path_prefix.starts_with('/') {
+        p.push(format!("{key}.path_prefix"), "must start with '/'");
+    }
+    let svc_listeners = s.listeners.unwrap_or_default();
+    for (i, name) in svc_listeners.iter().enumerate() {
+        if !listeners.iter().any(|l| &l.name == name) {
+            p.push(
+                format!("{key}.listeners[{i}]"),
+                format!("no listener is named `{name}`"),
+            );
+        }
+    }
+    let candidate_bp = match percent_to_bp(s.candidate_percent.unwrap_or(0.0)) {
+        Ok(bp) => bp,
+        Err(e) => {
+            p.push(format!("{key}.candidate_percent"), e);
+            0
+        }
+    };
+    let sticky = s.sticky.and_then(|st| {
+        let set = st.header.is_some() as u8
+            + st.cookie.is_some() as u8
+            + st.client_ip.unwrap_or(false) as u8;
+        if set != 1 {
+            p.push(
+                format!("{key}.sticky"),
+                "set exactly one of header = \"..\", cookie = \"..\" or client_ip = true",
+            );
+            return None;
+        }
+        if let Some(h) = st.header {
+            match HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()) {
+                Ok(n) => Some(Sticky::Header(n)),
+                Err(_) => {
+                    p.push(format!("{key}.sticky.header"), format!("`{h}` is not a header name"));
+                    None
+                }
+            }
+        } else if let Some(c) = st.cookie {
+            if c.is_empty() || c.contains(['=', ';', ' ']) {
+                p.push(format!("{key}.sticky.cookie"), format!("`{c}` is not a cookie name"));
+                None
+            } else {
+                Some(Sticky::Cookie(c))
+            }
+        } else {
+            Some(Sticky::ClientIp)
+        }
+    });
+    let header = |p: &mut Problems, k: &str, v: Option<String>| -> Option<HeaderName> {
+        let v = v?;
+        match HeaderName::from_bytes(v.to_ascii_lowercase().as_bytes()) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                p.push(format!("{key}.{k}"), format!("`{v}` is not a header name"));
+                None
+            }
+        }
+    };
+    let override_header = header(p, "override_header", s.override_header);
+    if s.override_secret.is_some() && override_header.is_none() {
+        p.push(format!("{key}.override_secret"), "needs override_header");
+    }
+    if s.override_secret.as_deref() == Some("") {
+        p.push(format!("{key}.override_secret"), "must not be empty");
+    }
+    let override_ = override_header.map(|header| OverrideConfig {
+        header,
+        secret: s.override_secret,
+    });
+    let color_header = header(p, "color_header", s.color_header);
+
+    let blue = validate_pool(s.blue, &format!("{key}.blue"), &s.upstream, base, p);
+    let green = validate_pool(s.green, &format!("{key}.green"), &s.upstream, base, p);
+    let salt = s.salt.unwrap_or_else(|| s.name.clone());
+    Some(ServiceConfig {
+        name: s.name,
+        hosts,
+        path_prefix,
+        listeners: svc_listeners,
+        stable: s.stable.unwrap_or(Color::Blue),
+        candidate_bp,
+        sticky,
+        salt,
+        override_,
+        color_header,
+        blue: blue?,
+        green: green?,
+    })
+}
+
+fn parse_host_pattern(h: &str) -> Result<HostPattern, String> {
+    let h = h.trim().to_ascii_lowercase();
+    if h == "*" {
+        return Ok(HostPattern::Any);
+    }
+    let (suffix, name) = match h.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, h.as_str()),
+    };
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']'));
+    if !valid {
+        return Err(format!(
+            "`{h}` is not a host pattern (use \"*\", \"api.example.com\" or \"*.example.com\")"
+        ));
+    }
+    Ok(if suffix {
+        HostPattern::Suffix(format!(".{name}"))
+    } else {
+        HostPattern::Exact(name.to_string())
+    })
+}
+
+fn validate_pool(
+    pool: RawPool,
+    key: &str,
+    svc: &RawUpstream,
+    base: &Path,
+    p: &mut Problems,
+) -> Option<PoolConfig> {
+    if pool.endpoints.is_empty() {
+        p.push(format!("{key}.endpoints"), "must list at least one endpoint");
+    }
+    let mut endpoints: Vec<SocketAddr> = Vec::with_capacity(pool.endpoints.len());
+    for (i, e) in pool.endpoints.iter().enumerate() {
+        match e.parse::<SocketAddr>() {
+            Ok(a) if endpoints.contains(&a) => {
+                p.push(format!("{key}.endpoints[{i}]"), format!("{a} is listed twice"))
+            }
+            Ok(a) if a.port() == 0 => {
+                p.push(format!("{key}.endpoints[{i}]"), "port 0 is not a valid endpoint")
+            }
+            Ok(a) => endpoints.push(a),
+            Err(_) => p.push(
+                format!("{key}.endpoints[{i}]"),
+                format!("`{e}` is not an IP:PORT address (host names are not resolved)"),
+            ),
+        }
+    }
+    let protocol = pool.protocol.or(svc.protocol).unwrap_or(Protocol::Http1);
+    let tls_raw = pool.tls.or_else(|| svc.tls.clone());
+    let tls = tls_raw.map(|t| {
+        let ca = t.ca.map(|c| resolve(base, c));
+        if let Some(ca) = &ca {
+            check_readable(p, format!("{key}.tls.ca"), ca);
+        }
+        if let Some(name) = &t.server_name {
+            if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                p.push(format!("{key}.tls.server_name"), format!("`{name}` is not a DNS name or IP"));
+            }
+        }
+        UpstreamTls {
+            ca,
+            server_name: t.server_name,
+        }
+    });
+    match (protocol, &tls) {
+        (Protocol::H2, None) => p.push(
+            format!("{key}.protocol"),
+            "\"h2\" is HTTP/2 over TLS and needs tls = { .. }; use \"h2c\" for cleartext HTTP/2",
+        ),
+        (Protocol::H2c, Some(_)) => p.push(
+            format!("{key}.protocol"),
+            "\"h2c\" is cleartext; use \"h2\" for HTTP/2 over TLS",
+        ),
+        _ => {}
+    }
+    let max_idle = pool
+        .max_idle_per_endpoint
+        .or(svc.max_idle_per_endpoint)
+        .unwrap_or(defaults::MAX_IDLE_PER_ENDPOINT);
+    if max_idle == 0 || max_idle > 65_536 {
+        p.push(format!("{key}.max_idle_per_endpoint"), "must be in 1..=65536");
+    }
+    let upstream = UpstreamSettings {
+        protocol,
+        connect_timeout: p.duration(
+            format!("{key}.connect_timeout"),
+            pool.connect_timeout.as_deref().or(svc.connect_timeout.as_deref()),
+            defaults::CONNECT_TIMEOUT,
+        ),
+        response_timeout: p.duration(
+            format!("{key}.response_timeout"),
+            pool.response_timeout.as_deref().or(svc.response_timeout.as_deref()),
+            defaults::RESPONSE_TIMEOUT,
+        ),
+        idle_timeout: p.duration(
+            format!("{key}.idle_timeout"),
+            pool.idle_timeout.as_deref().or(svc.idle_timeout.as_deref()),
+            defaults::UPSTREAM_IDLE_TIMEOUT,
+        ),
+        max_idle_per_endpoint: max_idle.clamp(1, 65_536),
+        tls,
+    };
+    Some(PoolConfig {
+        endpoints,
+        upstream,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[listener]]
+name = "public"
+listen = "127.0.0.1:8080"
+
+[[service]]
+name = "gateway"
+candidate_percent = 10.0
+sticky = { header = "X-User-Id" }
+blue  = { endpoints = ["127.0.0.1:8001", "127.0.0.1:8002"] }
+green = { endpoints = ["127.0.0.1:9001"] }
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.candidate_bp, 1000);
+        assert_eq!(s.stable, Color::Blue);
+        assert_eq!(s.hosts, vec![HostPattern::Any]);
+        assert_eq!(s.path_prefix, "/");
+        assert_eq!(s.salt, "gateway");
+        assert_eq!(s.sticky, Some(Sticky::Header(HeaderName::from_static("x-user-id"))));
+        assert_eq!(s.blue.upstream.connect_timeout, defaults::CONNECT_TIMEOUT);
+        assert_eq!(c.listeners[0].max_header_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cyan.example.toml");
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!c.services.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = MINIMAL.replace("candidate_percent", "candidate_percnt");
+        let e = Config::parse(&text).unwrap_err().to_string();
+        assert!(e.contains("candidate_percnt"), "{e}");
+        assert!(e.contains("line 8"), "{e}");
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_by_key() {
+        let text = r#"
+[[listener]]
+name = "public"
+listen = "not-an-address"
+trusted_proxies = ["10.0.0.0/33"]
+
+[[service]]
+name = "gateway"
+candidate_percent = 120
+blue  = { endpoints = [] }
+green = { endpoints = ["127.0.0.1:9001", "127.0.0.1:9001", "nohost"], connect_timeout = "3 parsecs" }
+
+[[service]]
+name = "gateway"
+candidate_percent = 1.234
+blue  = { endpoints = ["127.0.0.1:1"], protocol = "h2" }
+green = { endpoints = ["127.0.0.1:2"], tls = { ca = "/nonexistent/ca.pem" } }
+"#;
+        let e = Config::parse(text).unwrap_err();
+        let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "listener[public].listen",
+            "listener[public].trusted_proxies[0]",
+            "service[gateway].candidate_percent",
+            "service[gateway].blue.endpoints",
+            "service[gateway].green.endpoints[1]",
+            "service[gateway].green.endpoints[2]",
+            "service[gateway].green.connect_timeout",
+            "service[gateway].name",
+            "service[gateway].blue.protocol",
+            "service[gateway].green.tls.ca",
+        ] {
+            assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn percent_conversion() {
+        assert_eq!(percent_to_bp(0.0), Ok(0));
+        assert_eq!(percent_to_bp(12.5), Ok(1250));
+        assert_eq!(percent_to_bp(0.01), Ok(1));
+        assert_eq!(percent_to_bp(100.0), Ok(10000));
+        assert!(percent_to_bp(100.01).is_err());
+        assert!(percent_to_bp(-1.0).is_err());
+        assert!(percent_to_bp(f64::NAN).is_err());
+        assert!(percent_to_bp(33.333).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn sticky_needs_exactly_one_key() {
+        let text = MINIMAL.replace(
+            "sticky = { header = \"X-User-Id\" }",
+            "sticky = { header = \"x\", cookie = \"y\" }",
+        );
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.problems[0].key, "service[gateway].sticky");
+    }
+
+    #[test]
+    fn overlapping_services_are_rejected() {
+        let text = format!(
+            "{MINIMAL}\n[[service]]\nname = \"other\"\nblue = {{ endpoints = [\"127.0.0.1:1\"] }}\ngreen = {{ endpoints = [\"127.0.0.1:2\"] }}\n"
+        );
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.problems[0].key, "service[other].hosts");
+    }
+}

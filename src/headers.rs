@@ -1,0 +1,428 @@
+//! What a front proxy must refuse, and what it must rewrite.
+//!
+//! ## Refused before routing (no upstream request is made)
+//! | request | status |
+//! | --- | --- |
+//! | `CONNECT` | 405 |
+//! | head (request line + headers) above `max_header_bytes` | 431 (hyper also caps HTTP/1 heads at its read buffer, set to the same size) |
+//! | HTTP/1.1 without Host, with two Host headers, or a Host that is not a host[:port] | 400 |
+//! | absolute-form URI whose authority differs from Host | 400 |
+//! | HTTP/2 `host` header differing from `:authority`, or neither present | 400 |
+//! | `Transfer-Encoding` other than one `chunked` (`chunked, chunked`, `gzip, chunked`, two TE headers) | 400 |
+//!
+//! hyper itself already refuses invalid or conflicting Content-Length values,
+//! obs-fold, NUL bytes and a TE not ending in `chunked`. A request with both
+//! Content-Length and `Transfer-Encoding: chunked` is framed by TE, its
+//! Content-Length removed, and the connection closed after the response
+//! (RFC 9112 §6.3) — hyper does exactly that before we see the request.
+//!
+//! ## Rewritten both ways
+//! Hop-by-hop headers are removed (RFC 9110 §7.6.1): `Connection` and every
+//! header it names, `Keep-Alive`, `Proxy-Connection`, `TE` (except
+//! `TE: trailers`, which gRPC needs end to end), `Transfer-Encoding` and
+//! `Upgrade` (kept, with `Connection: upgrade`, on an upgrade request and its
+//! 101). `Host` and `Content-Length` are never removed because a `Connection`
+//! header names them.
+//!
+//! Forwarding headers: `X-Forwarded-For` gets the peer's address appended when
+//! the peer is a trusted proxy and replaces any incoming value otherwise;
+//! `X-Forwarded-Proto` and `X-Forwarded-Host` are kept from trusted peers and
+//! set by cyan otherwise. `X-Request-Id` is passed on when it looks sane
+//! (1–128 visible ASCII characters) and generated otherwise.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Version};
+
+use crate::config::{canonical_ip, ListenerConfig};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// A request refused before routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reject {
+    pub status: StatusCode,
+    pub reason: &'static str,
+}
+
+const fn reject(status: StatusCode, reason: &'static str) -> Reject {
+    Reject { status, reason }
+}
+
+/// The request's host (with any port), validated. Borrowed from the request.
+pub fn check_request<B>(req: &Request<B>, max_header_bytes: usize) -> Result<&str, Reject> {
+    if req.method() == Method::CONNECT {
+        return Err(reject(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported"));
+    }
+    let headers = req.headers();
+    let mut head_bytes = req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 16;
+    for (name, value) in headers {
+        head_bytes += name.as_str().len() + value.len() + 4;
+    }
+    if head_bytes > max_header_bytes {
+        return Err(reject(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head too large",
+        ));
+    }
+    check_transfer_encoding(headers)?;
+    let host = request_host(req)?;
+    if !valid_host(host) {
+        return Err(reject(StatusCode::BAD_REQUEST, "invalid Host"));
+    }
+    Ok(host)
+}
+
+fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), Reject> {
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+    match (te.next(), te.next()) {
+        (None, _) => Ok(()),
+        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(reject(
+            StatusCode::BAD_REQUEST,
+            "unsupported Transfer-Encoding (only a single `chunked` is accepted)",
+        )),
+    }
+}
+
+fn request_host<B>(req: &Request<B>) -> Result<&str, Reject> {
+    let headers = req.headers();
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err(reject(StatusCode::BAD_REQUEST, "duplicate Host")),
+        (h, _) => h,
+    };
+    let host = match host {
+        Some(h) => Some(
+            h.to_str()
+                .map_err(|_| reject(StatusCode::BAD_REQUEST, "invalid Host"))?,
+        ),
+        None => None,
+    };
+    let authority = req.uri().authority().map(|a| a.as_str());
+    match req.version() {
+        Version::HTTP_2 | Version::HTTP_3 => match (authority, host) {
+            (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => Err(reject(
+                StatusCode::BAD_REQUEST,
+                "Host differs from :authority",
+            )),
+            (Some(a), _) => Ok(a),
+            (None, Some(h)) => Ok(h),
+            (None, None) => Err(reject(StatusCode::BAD_REQUEST, "missing :authority")),
+        },
+        Version::HTTP_11 => match (authority, host) {
+            (_, None) => Err(reject(StatusCode::BAD_REQUEST, "missing Host")),
+            (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => Err(reject(
+                StatusCode::BAD_REQUEST,
+                "Host differs from the request target's authority",
+            )),
+            (_, Some(h)) => Ok(h),
+        },
+        // HTTP/1.0 may omit Host; such requests only match `hosts = ["*"]`.
+        _ => Ok(host.or(authority).unwrap_or("")),
+    }
+}
+
+/// `host[:port]`, `[v6]:port`: letters, digits and `-._:[]` only (no
+/// userinfo, no path, no whitespace).
+fn valid_host(h: &str) -> bool {
+    h.len() <= 255
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']'))
+}
+
+/// Whether a request asks to switch protocols (HTTP/1.1 `Upgrade`).
+pub fn is_upgrade_request(headers: &HeaderMap, version: Version) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && connection_has_token(headers, b"upgrade")
+}
+
+fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    })
+}
+
+/// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` stays and
+/// `Connection: upgrade` is set.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers named by Connection. Almost always one value: no allocation.
+    let mut first: Option<HeaderValue> = None;
+    let mut more: Vec<HeaderValue> = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        if first.is_none() {
+            first = Some(v.clone());
+        } else {
+            more.push(v.clone());
+        }
+    }
+    for v in first.iter().chain(more.iter()) {
+        for token in v.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty()
+                || token.eq_ignore_ascii_case(b"host")
+                || token.eq_ignore_ascii_case(b"content-length")
+                || (keep_upgrade && token.eq_ignore_ascii_case(b"upgrade"))
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                headers.remove(name);
+            }
+        }
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers")));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// The client's address as cyan believes it: the peer, or — when the peer is
+/// a trusted proxy — the rightmost X-Forwarded-For entry that is not itself a
+/// trusted proxy.
+pub fn client_ip(headers: &HeaderMap, peer: IpAddr, listener: &ListenerConfig) -> IpAddr {
+    let peer = canonical_ip(peer);
+    if !listener.is_trusted(peer) {
+        return peer;
+    }
+    let mut client = peer;
+    // XFF may be split over several headers; the last one is the nearest hop.
+    for v in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        let Ok(s) = v.to_str() else { return client };
+        for part in s.rsplit(',') {
+            match part.trim().parse::<IpAddr>() {
+                Ok(ip) => {
+                    client = canonical_ip(ip);
+                    if !listener.is_trusted(client) {
+                        return client;
+                    }
+                }
+                Err(_) => return client,
+            }
+        }
+    }
+    client
+}
+
+/// Sets X-Forwarded-For/-Proto/-Host on a request going upstream.
+pub fn set_forwarding(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    trusted_peer: bool,
+    tls: bool,
+    host: &str,
+) {
+    let peer = canonical_ip(peer);
+    let xff = if trusted_peer {
+        let mut prior = String::new();
+        for v in headers.get_all(&X_FORWARDED_FOR) {
+            if let Ok(s) = v.to_str() {
+                if !prior.is_empty() {
+                    prior.push_str(", ");
+                }
+                prior.push_str(s);
+            }
+        }
+        if prior.is_empty() {
+            peer.to_string()
+        } else {
+            format!("{prior}, {peer}")
+        }
+    } else {
+        peer.to_string()
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
+        let proto = if tls { "https" } else { "http" };
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(trusted_peer && headers.contains_key(&X_FORWARDED_HOST)) {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            headers.insert(&X_FORWARDED_HOST, v);
+        }
+    }
+}
+
+/// Keeps a sane incoming X-Request-Id or generates one; returns it.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    let mut ids = headers.get_all(&X_REQUEST_ID).iter();
+    if let (Some(v), None) = (ids.next(), ids.next()) {
+        let b = v.as_bytes();
+        if (1..=128).contains(&b.len()) && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    let id = new_request_id();
+    headers.insert(&X_REQUEST_ID, id.clone());
+    id
+}
+
+/// 32 lowercase hex characters of randomness.
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for b in buf.iter_mut() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: Version, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().version(version).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn status(r: Result<&str, Reject>) -> u16 {
+        match r {
+            Ok(_) => 200,
+            Err(e) => e.status.as_u16(),
+        }
+    }
+
+    #[test]
+    fn rejections() {
+        let h11 = |h: &[(&str, &str)]| status(check_request(&req(Version::HTTP_11, "/", h), 65536));
+        assert_eq!(h11(&[("host", "a.example")]), 200);
+        assert_eq!(h11(&[]), 400);
+        assert_eq!(h11(&[("host", "a"), ("host", "b")]), 400);
+        assert_eq!(h11(&[("host", "a b")]), 400);
+        assert_eq!(h11(&[("host", "user@evil")]), 400);
+        assert_eq!(h11(&[("host", "a"), ("transfer-encoding", "chunked")]), 200);
+        assert_eq!(h11(&[("host", "a"), ("transfer-encoding", "chunked, chunked")]), 400);
+        assert_eq!(h11(&[("host", "a"), ("transfer-encoding", "gzip, chunked")]), 400);
+        assert_eq!(
+            h11(&[("host", "a"), ("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")]),
+            400
+        );
+        let big = "x".repeat(70_000);
+        assert_eq!(h11(&[("host", "a"), ("x-big", &big)]), 431);
+        let connect = Request::builder()
+            .method(Method::CONNECT)
+            .uri("a.example:443")
+            .header("host", "a.example:443")
+            .body(())
+            .unwrap();
+        assert_eq!(status(check_request(&connect, 65536)), 405);
+        // Absolute-form must agree with Host.
+        assert_eq!(
+            status(check_request(&req(Version::HTTP_11, "http://a.example/x", &[("host", "b.example")]), 65536)),
+            400
+        );
+        // HTTP/2.
+        let h2 = |uri: &str, h: &[(&str, &str)]| status(check_request(&req(Version::HTTP_2, uri, h), 65536));
+        assert_eq!(h2("https://a.example/", &[]), 200);
+        assert_eq!(h2("https://a.example/", &[("host", "a.example")]), 200);
+        assert_eq!(h2("https://a.example/", &[("host", "b.example")]), 400);
+        assert_eq!(h2("/", &[]), 400);
+        // HTTP/1.0 may omit Host.
+        assert_eq!(status(check_request(&req(Version::HTTP_10, "/", &[]), 65536)), 200);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret, host, Content-Length"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("host", HeaderValue::from_static("a"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        h.insert("te", HeaderValue::from_static("trailers, deflate"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        for gone in ["connection", "keep-alive", "x-secret", "upgrade", "proxy-connection"] {
+            assert!(!names.contains(&gone), "{gone} still in {names:?}");
+        }
+        for kept in ["host", "content-length", "x-keep"] {
+            assert!(names.contains(&kept), "{kept} missing from {names:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(is_upgrade_request(&h, Version::HTTP_11));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+    }
+
+    fn listener(trusted: &[&str]) -> ListenerConfig {
+        let text = format!(
+            "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = {trusted:?}\n[[service]]\nname = \"s\"\nblue = {{ endpoints = [\"127.0.0.1:1\"] }}\ngreen = {{ endpoints = [\"127.0.0.1:2\"] }}\n"
+        );
+        crate::config::Config::parse(&text).unwrap().listeners.remove(0)
+    }
+
+    #[test]
+    fn forwarding_trusts_only_trusted_peers() {
+        let l = listener(&["10.0.0.0/8"]);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.5, 10.1.1.1"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let untrusted: IpAddr = "198.51.100.1".parse().unwrap();
+        let trusted: IpAddr = "10.0.0.9".parse().unwrap();
+        assert_eq!(client_ip(&h, untrusted, &l), untrusted);
+        assert_eq!(client_ip(&h, trusted, &l), "203.0.113.5".parse::<IpAddr>().unwrap());
+
+        let mut a = h.clone();
+        set_forwarding(&mut a, trusted, true, false, "a.example");
+        assert_eq!(a.get("x-forwarded-for").unwrap(), "203.0.113.5, 10.1.1.1, 10.0.0.9");
+        assert_eq!(a.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(a.get("x-forwarded-host").unwrap(), "a.example");
+
+        let mut b = h.clone();
+        set_forwarding(&mut b, untrusted, false, false, "a.example");
+        assert_eq!(b.get("x-forwarded-for").unwrap(), "198.51.100.1");
+        assert_eq!(b.get("x-forwarded-proto").unwrap(), "http");
+    }
+
+    #[test]
+    fn request_ids() {
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        assert_eq!(h.get("x-request-id").unwrap(), &id);
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(ensure_request_id(&mut h), "abc-123");
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        assert_ne!(ensure_request_id(&mut h), "has space");
+    }
+}

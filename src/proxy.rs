@@ -1,0 +1,377 @@
+//! The per-request flow and the one place errors become statuses.
+//!
+//! ```text
+//! check_request ─► table.load() ─► route ─► choose color ─► pick endpoint
+//!   ─► rewrite head ─► Upstream::send ─┬─► response (streamed back)
+//!                                      └─► failed before sending: retry once
+//!                                          (another endpoint of the same color,
+//!                                          else the other color), then error
+//! ```
+//!
+//! | failure | status |
+//! | --- | --- |
+//! | malformed / smuggling-shaped request | 400, 405, 431 (see [`crate::headers`]) |
+//! | no service matches | 404 |
+//! | no eligible endpoint in the chosen pool | 503 + `Retry-After` |
+//! | connect refused / reset, TLS or HTTP handshake failed, exchange broke | 502 |
+//! | connect timeout, no response head in `response_timeout` | 504 |
+//! | client body idle longer than `body_idle_timeout` | 408 |
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use prometheus::{IntCounter, IntGauge};
+
+use crate::body::{BodyIdleTimeout, ReqBody, RequestGuard, RespBody};
+use crate::config::{Color, ListenerConfig, Protocol};
+use crate::headers::{self, Reject};
+use crate::metrics::{ErrorKind, Metrics};
+use crate::server::ConnActivity;
+use crate::table::{RoutingTable, Service, Table};
+use crate::upstream::{SendFailure, UpstreamError};
+
+/// Statuses cyan answers itself, for the rejection counter.
+const OWN_STATUSES: [u16; 8] = [400, 404, 405, 408, 431, 502, 503, 504];
+
+/// A listener and its pre-resolved metric handles.
+#[derive(Debug)]
+pub struct ListenerCtx {
+    /// Index into the config's listeners (the routing table's listener index).
+    pub index: usize,
+    pub config: ListenerConfig,
+    /// `cyan_rejected_requests_total` by [`OWN_STATUSES`] index.
+    rejected: [IntCounter; 8],
+    pub connections_open: IntGauge,
+    pub tls_handshake_errors: IntCounter,
+}
+
+impl ListenerCtx {
+    pub fn new(index: usize, config: ListenerConfig, metrics: &Metrics) -> ListenerCtx {
+        let name = config.name.clone();
+        ListenerCtx {
+            index,
+            rejected: OWN_STATUSES
+                .map(|c| metrics.rejected_requests.with_label_values(&[&name, &c.to_string()])),
+            connections_open: metrics.connections_open.with_label_values(&[&name]),
+            tls_handshake_errors: metrics.tls_handshake_errors.with_label_values(&[&name]),
+            config,
+        }
+    }
+
+    fn count_rejected(&self, status: StatusCode) {
+        if let Some(i) = OWN_STATUSES.iter().position(|&c| c == status.as_u16()) {
+            self.rejected[i].inc();
+        }
+    }
+}
+
+/// One client connection.
+#[derive(Debug)]
+pub struct ConnCtx {
+    pub listener: Arc<ListenerCtx>,
+    /// The client as cyan sees it (the PROXY header's source when one was
+    /// accepted).
+    pub peer: SocketAddr,
+    pub trusted_peer: bool,
+    pub tls: bool,
+    pub activity: Arc<ConnActivity>,
+}
+
+/// Handles one request. Never fails: every error is a response.
+pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<Incoming>) -> Response<RespBody> {
+    let start = Instant::now();
+    let guard = RequestGuard::new(conn.activity.clone());
+    let host = match headers::check_request(&req, conn.listener.config.max_header_bytes) {
+        Ok(h) => h,
+        Err(r) => return reject(conn, r, guard),
+    };
+    let snapshot = table.load();
+    let Some(svc) = snapshot.route(conn.listener.index, host, req.uri().path()) else {
+        let r = Reject {
+            status: StatusCode::NOT_FOUND,
+            reason: "no service matches this host and path",
+        };
+        return reject(conn, r, guard);
+    };
+    forward(&snapshot, svc, conn, req, guard, start).await
+}
+
+fn reject(conn: &ConnCtx, r: Reject, guard: RequestGuard) -> Response<RespBody> {
+    tracing::debug!(peer = %conn.peer, status = r.status.as_u16(), reason = r.reason, "request refused");
+    conn.listener.count_rejected(r.status);
+    let mut resp = text_response(r.status, r.reason, guard);
+    if r.status != StatusCode::NOT_FOUND {
+        // The connection's framing can no longer be trusted.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+fn text_response(status: StatusCode, reason: &str, guard: RequestGuard) -> Response<RespBody> {
+    let mut body = String::with_capacity(reason.len() + 16);
+    body.push_str(status.as_str());
+    body.push(' ');
+    body.push_str(reason);
+    body.push('\n');
+    let mut resp = Response::new(RespBody::full(body, Some(guard)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+async fn forward(
+    _snapshot: &RoutingTable,
+    svc: &Service,
+    conn: &ConnCtx,
+    req: Request<Incoming>,
+    mut guard: RequestGuard,
+    start: Instant,
+) -> Response<RespBody> {
+    let client_ip = headers::client_ip(req.headers(), conn.peer.ip(), &conn.listener.config);
+    let (color, _reason) = svc.split.choose(req.headers(), client_ip);
+    let pool = svc.pool(color);
+    let Some(idx) = pool.pick(None) else {
+        tracing::warn!(service = %svc.name, %color, "no eligible endpoint");
+        let mut resp = text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy endpoint",
+            guard,
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        pool.metrics.count_status(503);
+        return resp;
+    };
+
+    let (mut parts, body) = req.into_parts();
+    let client_version = parts.version;
+    let upgrade = headers::is_upgrade_request(&parts.headers, parts.version);
+    let client_upgrade = if upgrade {
+        parts.extensions.remove::<OnUpgrade>()
+    } else {
+        None
+    };
+    let host_value = match parts.headers.get(header::HOST) {
+        Some(h) => h.clone(),
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .unwrap_or_else(|| HeaderValue::from_static("")),
+    };
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    if let Some(ov) = &svc.split.override_ {
+        if ov.secret.is_some() {
+            parts.headers.remove(&ov.header);
+        }
+    }
+    headers::set_forwarding(
+        &mut parts.headers,
+        conn.peer.ip(),
+        conn.trusted_peer,
+        conn.tls,
+        host_value.to_str().unwrap_or(""),
+    );
+    let request_id = headers::ensure_request_id(&mut parts.headers);
+    parts.extensions = http::Extensions::new();
+
+    let (body, body_sent) = ReqBody::client(body, conn.listener.config.body_idle_timeout);
+    let mut up_req = Request::from_parts(parts, body);
+
+    let mut color = color;
+    let mut idx = idx;
+    let mut retried = false;
+    loop {
+        let pool = svc.pool(color);
+        let endpoint = &pool.endpoints[idx];
+        let protocol = endpoint.upstream.settings.protocol;
+        shape_for_upstream(&mut up_req, protocol, &host_value, endpoint.upstream.settings.tls.is_some());
+        guard.attach_upstream(pool.metrics.clone(), endpoint.upstream.clone(), start);
+        match endpoint.upstream.send(up_req, body_sent.as_ref()).await {
+            Ok((resp, pooled)) => {
+                return respond(svc, color, resp, pooled, guard, client_version, client_upgrade, request_id);
+            }
+            Err(SendFailure {
+                error,
+                request: Some(r),
+            }) if error.before_send() && !retried => {
+                pool.metrics.count_error(error_kind(&error));
+                pool.metrics.retries.inc();
+                tracing::warn!(service = %svc.name, %color, endpoint = %endpoint.addr, error = %error, "retrying on another endpoint");
+                // Same color first, then the other color.
+                let next = match pool.pick(Some(idx)) {
+                    Some(i) => Some((color, i)),
+                    None => svc.pool(color.other()).pick(None).map(|i| (color.other(), i)),
+                };
+                let Some((c, i)) = next else {
+                    return upstream_error(svc, color, endpoint.addr, &error, guard);
+                };
+                guard.detach_upstream();
+                up_req = r;
+                color = c;
+                idx = i;
+                retried = true;
+            }
+            Err(failure) => {
+                pool.metrics.count_error(error_kind(&failure.error));
+                return upstream_error(svc, color, endpoint.addr, &failure.error, guard);
+            }
+        }
+    }
+}
+
+/// Sets the URI form, version and Host for the endpoint's protocol.
+fn shape_for_upstream(req: &mut Request<ReqBody>, protocol: Protocol, host: &HeaderValue, tls: bool) {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    match protocol {
+        Protocol::Http1 => {
+            if req.uri().scheme().is_some() {
+                if let Ok(u) = Uri::try_from(path) {
+                    *req.uri_mut() = u;
+                }
+            }
+            *req.version_mut() = Version::HTTP_11;
+            if !req.headers().contains_key(header::HOST) && !host.is_empty() {
+                req.headers_mut().insert(header::HOST, host.clone());
+            }
+        }
+        Protocol::H2 | Protocol::H2c => {
+            let scheme = if tls { "https" } else { "http" };
+            let authority = host.to_str().unwrap_or("");
+            let uri = format!("{scheme}://{authority}{path}");
+            if let Ok(u) = Uri::try_from(uri) {
+                *req.uri_mut() = u;
+            }
+            *req.version_mut() = Version::HTTP_2;
+            req.headers_mut().remove(header::HOST);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    svc: &Service,
+    color: Color,
+    resp: Response<Incoming>,
+    pooled: Option<crate::upstream::Pooled>,
+    mut guard: RequestGuard,
+    client_version: Version,
+    client_upgrade: Option<OnUpgrade>,
+    request_id: HeaderValue,
+) -> Response<RespBody> {
+    let (mut parts, body) = resp.into_parts();
+    let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    if switching {
+        match (client_upgrade, parts.extensions.remove::<OnUpgrade>()) {
+            (Some(client), Some(upstream)) => {
+                tokio::spawn(tunnel(client, upstream, svc.name.clone()));
+            }
+            _ => {
+                // A 101 nobody asked for cannot be relayed.
+                tracing::warn!(service = %svc.name, %color, "upstream switched protocols unasked");
+                return text_response(StatusCode::BAD_GATEWAY, "unexpected 101 from upstream", guard);
+            }
+        }
+    }
+    headers::strip_hop_by_hop(&mut parts.headers, switching);
+    parts.version = client_version;
+    parts.extensions = http::Extensions::new();
+    if let Some(h) = &svc.color_header {
+        parts
+            .headers
+            .insert(h.clone(), HeaderValue::from_static(color.as_str()));
+    }
+    if !parts.headers.contains_key(&headers::X_REQUEST_ID) {
+        parts.headers.insert(&headers::X_REQUEST_ID, request_id);
+    }
+    guard.set_response(parts.status.as_u16(), pooled);
+    Response::from_parts(parts, RespBody::upstream(body, guard))
+}
+
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, service: Arc<str>) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(%service, error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => tracing::debug!(%service, up, down, "tunnel closed"),
+        Err(e) => tracing::debug!(%service, error = %e, "tunnel ended with an error"),
+    }
+}
+
+fn error_kind(e: &UpstreamError) -> ErrorKind {
+    match e {
+        UpstreamError::Connect { .. } | UpstreamError::Handshake { .. } => ErrorKind::Connect,
+        UpstreamError::ConnectTimeout { .. } | UpstreamError::ResponseTimeout { .. } => {
+            ErrorKind::Timeout
+        }
+        UpstreamError::Exchange { .. } => ErrorKind::Reset,
+    }
+}
+
+/// Whether an exchange failed because the client's body went idle.
+fn client_body_timed_out(e: &UpstreamError) -> bool {
+    let UpstreamError::Exchange { source, .. } = e else {
+        return false;
+    };
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
+    while let Some(err) = cur {
+        if err.is::<BodyIdleTimeout>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn upstream_error(
+    svc: &Service,
+    color: Color,
+    addr: SocketAddr,
+    error: &UpstreamError,
+    mut guard: RequestGuard,
+) -> Response<RespBody> {
+    let (status, reason) = if client_body_timed_out(error) {
+        (StatusCode::REQUEST_TIMEOUT, "request body timed out")
+    } else {
+        match error {
+            UpstreamError::ConnectTimeout { .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream connect timed out")
+            }
+            UpstreamError::ResponseTimeout { .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream response timed out")
+            }
+            UpstreamError::Connect { .. } | UpstreamError::Handshake { .. } => {
+                (StatusCode::BAD_GATEWAY, "upstream connect failed")
+            }
+            UpstreamError::Exchange { .. } => (StatusCode::BAD_GATEWAY, "upstream exchange failed"),
+        }
+    };
+    tracing::warn!(service = %svc.name, %color, endpoint = %addr, status = status.as_u16(), error = %error, "upstream error");
+    guard.set_response(status.as_u16(), None);
+    let mut resp = text_response(status, reason, guard);
+    if status == StatusCode::REQUEST_TIMEOUT {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}

@@ -1,0 +1,425 @@
+//! Listeners, the accept loop, per-connection limits and graceful drain.
+//!
+//! * A connection permit (`max_connections` per listener) is taken *before*
+//!   `accept`, so over the cap new connections wait in the kernel backlog
+//!   instead of being accepted and dropped; accept errors (EMFILE, ENFILE,
+//!   ECONNABORTED) back off from 5 ms up to 1 s instead of spinning.
+//! * The PROXY header (trusted peers, when enabled) and the TLS handshake run
+//!   inside the connection's task, both under `handshake_timeout`.
+//! * HTTP/1.1 and HTTP/2 share a socket (hyper-util's auto builder: ALPN
+//!   behind TLS, the h2c preface on plain TCP). hyper's header timer is on
+//!   (`header_timeout`), heads are capped at `max_header_bytes`.
+//! * An idle watchdog closes a connection with no request in flight for
+//!   `idle_timeout` (HTTP/1.1: closed; HTTP/2: GOAWAY).
+//! * Shutdown: the token stops every accept loop (new connections are
+//!   refused once the listening socket closes), every connection is asked to
+//!   finish gracefully (`Connection: close` on HTTP/1.1, GOAWAY on HTTP/2),
+//!   and [`Server::shutdown`] waits for them up to the drain deadline.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ListenerConfig};
+use crate::metrics::Metrics;
+use crate::proxy::{self, ConnCtx, ListenerCtx};
+use crate::table::Table;
+use crate::tls::SniResolver;
+
+/// Per-connection activity, read by the idle watchdog. Atomics only: the
+/// request path never locks.
+#[derive(Debug)]
+pub struct ConnActivity {
+    epoch: Instant,
+    in_flight: AtomicU32,
+    /// Milliseconds since `epoch` of the last request start or end.
+    last_ms: AtomicU64,
+}
+
+impl Default for ConnActivity {
+    fn default() -> Self {
+        ConnActivity {
+            epoch: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ConnActivity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+    }
+
+    pub fn request_finished(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// How long until the connection counts as idle; `None` when it is.
+    fn idle_remaining(&self, idle: Duration) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Some(idle);
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        let quiet = self.epoch.elapsed().saturating_sub(last);
+        idle.checked_sub(quiet).filter(|d| !d.is_zero())
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listener `{name}`: cannot bind {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listener `{name}`: {source}")]
+    Tls {
+        name: String,
+        source: crate::tls::TlsError,
+    },
+    #[error("{0}")]
+    Table(String),
+}
+
+/// Binds a listening socket (SO_REUSEADDR, a deep backlog).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Server {
+    pub table: Arc<Table>,
+    pub metrics: Arc<Metrics>,
+    addrs: Vec<(String, SocketAddr)>,
+    /// Each TLS listener's certificate resolver, for reloads.
+    pub tls_resolvers: Vec<(String, Arc<SniResolver>)>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    drain_timeout: Duration,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Connection tasks still running at the deadline (they are dropped,
+    /// which resets their connections).
+    pub abandoned: usize,
+    pub elapsed: Duration,
+}
+
+impl Server {
+    /// Builds the table, binds every listener and starts serving.
+    pub async fn start(config: &Config) -> Result<Server, StartError> {
+        let metrics = Metrics::new();
+        let table = Arc::new(Table::new(config, metrics.clone()).map_err(StartError::Table)?);
+        Server::start_with(config, table).await
+    }
+
+    /// Starts serving `table` on the config's listeners.
+    pub async fn start_with(config: &Config, table: Arc<Table>) -> Result<Server, StartError> {
+        crate::tls::install_provider();
+        let metrics = table.metrics().clone();
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let mut addrs = Vec::new();
+        let mut tls_resolvers = Vec::new();
+        let mut bound = Vec::new();
+        for (index, lc) in config.listeners.iter().enumerate() {
+            let acceptor = match &lc.tls {
+                Some(t) => {
+                    let (cfg, resolver) =
+                        crate::tls::server_config(t).map_err(|source| StartError::Tls {
+                            name: lc.name.clone(),
+                            source,
+                        })?;
+                    tls_resolvers.push((lc.name.clone(), resolver));
+                    Some(TlsAcceptor::from(cfg))
+                }
+                None => None,
+            };
+            let listener = bind(lc.listen).map_err(|source| StartError::Bind {
+                name: lc.name.clone(),
+                addr: lc.listen,
+                source,
+            })?;
+            let local = listener.local_addr().map_err(|source| StartError::Bind {
+                name: lc.name.clone(),
+                addr: lc.listen,
+                source,
+            })?;
+            addrs.push((lc.name.clone(), local));
+            let ctx = Arc::new(ListenerCtx::new(index, lc.clone(), &metrics));
+            bound.push((ctx, listener, acceptor));
+        }
+        for (ctx, listener, acceptor) in bound {
+            let builder = Arc::new(http_builder(&ctx.config));
+            tracker.spawn(accept_loop(
+                ctx,
+                listener,
+                acceptor,
+                builder,
+                table.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
+        // Idle upstream connections are closed in the background.
+        {
+            let table = table.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => table.reap_idle(),
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            });
+        }
+        Ok(Server {
+            table,
+            metrics,
+            addrs,
+            tls_resolvers,
+            shutdown,
+            tracker,
+            drain_timeout: config.runtime.drain_timeout,
+        })
+    }
+
+    /// The bound address of a listener (useful with port 0).
+    pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.addrs
+            .iter()
+            .find(|(n, _)| n == listener)
+            .map(|(_, a)| *a)
+    }
+
+    /// A token that starts the drain when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, asks every connection to finish, and waits for them
+    /// up to the drain deadline.
+    pub async fn shutdown(self) -> DrainReport {
+        let start = Instant::now();
+        self.shutdown.cancel();
+        self.tracker.close();
+        let done = tokio::time::timeout(self.drain_timeout, self.tracker.wait()).await;
+        let abandoned = if done.is_ok() { 0 } else { self.tracker.len() };
+        DrainReport {
+            abandoned,
+            elapsed: start.elapsed(),
+        }
+    }
+}
+
+fn http_builder(lc: &ListenerConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(lc.header_timeout)
+        .max_buf_size(lc.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(lc.h2_max_concurrent_streams)
+        .max_header_list_size(lc.max_header_bytes as u32)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    b
+}
+
+async fn accept_loop(
+    ctx: Arc<ListenerCtx>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    table: Arc<Table>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(ctx.config.max_connections));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(pair) => {
+                    backoff = Duration::from_millis(5);
+                    pair
+                }
+                Err(e) => {
+                    tracing::warn!(listener = %ctx.config.name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                    drop(permit);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let conn = Connection {
+            ctx: ctx.clone(),
+            table: table.clone(),
+            builder: builder.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let tls = tls.clone();
+        tracker.spawn(async move {
+            conn.run(stream, peer, tls).await;
+            drop(permit);
+        });
+    }
+    tracing::debug!(listener = %ctx.config.name, "accept loop stopped");
+}
+
+struct Connection {
+    ctx: Arc<ListenerCtx>,
+    table: Arc<Table>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    shutdown: CancellationToken,
+}
+
+/// Keeps `cyan_connections_open` right however the task ends.
+struct OpenGuard(prometheus::IntGauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Connection {
+    async fn run(self, mut stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) {
+        self.ctx.connections_open.inc();
+        let _open = OpenGuard(self.ctx.connections_open.clone());
+        let _ = stream.set_nodelay(true);
+        let lc = &self.ctx.config;
+        let mut client = peer;
+        if lc.proxy_protocol && lc.is_trusted(peer.ip()) {
+            let read = crate::proxy_protocol::read_header(&mut stream);
+            match tokio::time::timeout(lc.handshake_timeout, read).await {
+                Ok(Ok(Some(src))) => client = src,
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "PROXY header refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "PROXY header timed out");
+                    return;
+                }
+            }
+        }
+        let conn = Arc::new(ConnCtx {
+            listener: self.ctx.clone(),
+            peer: client,
+            trusted_peer: lc.is_trusted(client.ip()),
+            tls: tls.is_some(),
+            activity: Arc::new(ConnActivity::default()),
+        });
+        match tls {
+            None => self.serve(stream, conn).await,
+            Some(acceptor) => {
+                match tokio::time::timeout(lc.handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => self.serve(s, conn).await,
+                    Ok(Err(e)) => {
+                        self.ctx.tls_handshake_errors.inc();
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        self.ctx.tls_handshake_errors.inc();
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve<IO>(&self, io: IO, conn: Arc<ConnCtx>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = conn.activity.clone();
+        let table = self.table.clone();
+        let service = service_fn(move |req| {
+            let conn = conn.clone();
+            let table = table.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(&table, &conn, req).await) }
+        });
+        let http = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(http);
+        let idle = self.ctx.config.idle_timeout;
+        let mut closing = false;
+        let mut wait = idle;
+        loop {
+            tokio::select! {
+                r = http.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                _ = self.shutdown.cancelled(), if !closing => {
+                    closing = true;
+                    http.as_mut().graceful_shutdown();
+                }
+                _ = tokio::time::sleep(wait), if !closing => {
+                    match activity.idle_remaining(idle) {
+                        Some(rest) => wait = rest,
+                        None => {
+                            closing = true;
+                            http.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,715 @@
+//! The routing table: one immutable [`RoutingTable`] snapshot behind an
+//! `ArcSwap`, replaced whole by [`Table::apply`].
+//!
+//! Readers call [`Table::load`] once per request and never lock. Writers
+//! serialize on a mutex readers never touch, build the next table from the
+//! current one (generation + 1) and store it. Commands are data
+//! ([`Command`]), applied by the pure [`RoutingTable::with_command`], so every
+//! outcome is testable without sockets:
+//!
+//! | outcome | meaning |
+//! | --- | --- |
+//! | `Ok(Applied::Changed { generation })` | a new table is live |
+//! | `Ok(Applied::NoChange { generation })` | the command asked for what is already live |
+//! | `Err(TableError::StaleGeneration { .. })` | `if_generation` did not match: nothing changed |
+//! | `Err(TableError::Invalid { .. })`, `UnknownService`, `UnknownEndpoint` | rejected: nothing changed |
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use http::HeaderName;
+
+use crate::config::{Color, Config, HostPattern, ServiceConfig, UpstreamSettings};
+use crate::metrics::{Metrics, PoolMetrics};
+use crate::split::{seed_for_salt, SplitPolicy, BUCKETS};
+use crate::upstream::Upstream;
+
+/// One endpoint as the snapshot sees it.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Live connections and load; shared with later tables.
+    pub upstream: Arc<Upstream>,
+    /// Drained by an operator: no new requests.
+    pub drained: bool,
+    /// Health verdict (active/passive checks): unhealthy gets no traffic.
+    pub healthy: bool,
+}
+
+impl Endpoint {
+    pub fn eligible(&self) -> bool {
+        self.healthy && !self.drained
+    }
+}
+
+/// A service's blue or green pool.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub color: Color,
+    pub endpoints: Vec<Endpoint>,
+    /// Indices into `endpoints` of those that may take traffic.
+    pub eligible: Vec<usize>,
+    pub metrics: Arc<PoolMetrics>,
+}
+
+impl Pool {
+    fn refresh(&mut self) {
+        self.eligible = (0..self.endpoints.len())
+            .filter(|&i| self.endpoints[i].eligible())
+            .collect();
+    }
+
+    /// Picks an endpoint by power of two choices on in-flight requests,
+    /// optionally avoiding one (a retry). Returns an index into `endpoints`.
+    #[inline]
+    pub fn pick(&self, avoid: Option<usize>) -> Option<usize> {
+        let exclude = avoid.and_then(|a| self.eligible.iter().position(|&i| i == a));
+        crate::split::p2c(self.eligible.len(), exclude, |i| {
+            self.endpoints[self.eligible[i]].upstream.in_flight()
+        })
+        .map(|i| self.eligible[i])
+    }
+}
+
+/// A service in a snapshot.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub name: Arc<str>,
+    pub hosts: Vec<HostPattern>,
+    pub path_prefix: String,
+    pub split: SplitPolicy,
+    pub color_header: Option<HeaderName>,
+    /// `[blue, green]`.
+    pub pools: [Pool; 2],
+    pub config: Arc<ServiceConfig>,
+}
+
+impl Service {
+    pub fn pool(&self, color: Color) -> &Pool {
+        &self.pools[color.index()]
+    }
+
+    fn pool_mut(&mut self, color: Color) -> &mut Pool {
+        &mut self.pools[color.index()]
+    }
+
+    /// How well this service matches a host (already without port) and path;
+    /// `None` when it does not. Higher is more specific.
+    fn match_score(&self, host: &str, path: &str) -> Option<(u8, usize, usize)> {
+        if !path_matches(&self.path_prefix, path) {
+            return None;
+        }
+        let host_score = self
+            .hosts
+            .iter()
+            .filter_map(|h| match h {
+                HostPattern::Exact(e) => host.eq_ignore_ascii_case(e).then_some((3u8, e.len())),
+                HostPattern::Suffix(s) => (host.len() > s.len()
+                    && host.as_bytes()[host.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes()))
+                .then_some((2, s.len())),
+                HostPattern::Any => Some((1, 0)),
+            })
+            .max()?;
+        Some((host_score.0, host_score.1, self.path_prefix.len()))
+    }
+}
+
+/// `/api` matches `/api`, `/api/x`, `/api?q` but not `/apix`.
+fn path_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', '?']),
+    }
+}
+
+/// Strips the port from a Host value: `example.com:8080` → `example.com`,
+/// `[::1]:8080` → `[::1]`.
+pub fn host_without_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        }
+    } else {
+        match host.rfind(':') {
+            Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+            _ => host,
+        }
+    }
+}
+
+/// An immutable snapshot of everything routing depends on.
+#[derive(Debug)]
+pub struct RoutingTable {
+    pub generation: u64,
+    pub services: Vec<Service>,
+    /// For each listener (by index), the services it serves.
+    listener_services: Vec<Vec<usize>>,
+    pub listener_names: Vec<String>,
+}
+
+impl RoutingTable {
+    /// Builds a table from config. With a `previous` table, services it has
+    /// keep their dynamic state (stable color, split, endpoint drain and
+    /// health flags) and endpoints with unchanged settings keep their live
+    /// [`Upstream`] (idle connections, load).
+    pub fn build(
+        config: &Config,
+        metrics: &Metrics,
+        previous: Option<&RoutingTable>,
+        generation: u64,
+    ) -> Result<RoutingTable, String> {
+        let mut services = Vec::with_capacity(config.services.len());
+        for sc in &config.services {
+            let prev = previous.and_then(|t| t.service(&sc.name));
+            let mk_pool = |color: Color| -> Result<Pool, String> {
+                let pc = sc.pool(color);
+                let prev_pool = prev.map(|s| s.pool(color));
+                let metrics = match prev_pool {
+                    Some(p) => p.metrics.clone(),
+                    None => Arc::new(metrics.pool(&sc.name, color)),
+                };
+                let mut endpoints = Vec::with_capacity(pc.endpoints.len());
+                for &addr in &pc.endpoints {
+                    let prev_ep =
+                        prev_pool.and_then(|p| p.endpoints.iter().find(|e| e.addr == addr));
+                    let upstream = match prev_ep {
+                        Some(e) if e.upstream.settings == pc.upstream => e.upstream.clone(),
+                        _ => Arc::new(new_upstream(addr, &pc.upstream)?),
+                    };
+                    endpoints.push(Endpoint {
+                        addr,
+                        upstream,
+                        drained: prev_ep.is_some_and(|e| e.drained),
+                        healthy: prev_ep.is_none_or(|e| e.healthy),
+                    });
+                }
+                let mut pool = Pool {
+                    color,
+                    endpoints,
+                    eligible: Vec::new(),
+                    metrics,
+                };
+                pool.refresh();
+                Ok(pool)
+            };
+            let pools = [mk_pool(Color::Blue)?, mk_pool(Color::Green)?];
+            services.push(Service {
+                name: sc.name.as_str().into(),
+                hosts: sc.hosts.clone(),
+                path_prefix: sc.path_prefix.clone(),
+                split: SplitPolicy {
+                    // The live split survives a rebuild; the config's values
+                    // only seed a service the table has not seen.
+                    stable: prev.map_or(sc.stable, |p| p.split.stable),
+                    candidate_bp: prev.map_or(sc.candidate_bp, |p| p.split.candidate_bp),
+                    sticky: sc.sticky.clone(),
+                    seed: seed_for_salt(&sc.salt),
+                    override_: sc.override_.clone(),
+                },
+                color_header: sc.color_header.clone(),
+                pools,
+                config: Arc::new(sc.clone()),
+            });
+        }
+        let listener_names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
+        let listener_services = listener_names
+            .iter()
+            .map(|l| {
+                (0..services.len())
+                    .filter(|&i| {
+                        let ls = &config.services[i].listeners;
+                        ls.is_empty() || ls.contains(l)
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(RoutingTable {
+            generation,
+            services,
+            listener_services,
+            listener_names,
+        })
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| &*s.name == name)
+    }
+
+    fn service_index(&self, name: &str) -> Result<usize, TableError> {
+        self.services
+            .iter()
+            .position(|s| &*s.name == name)
+            .ok_or_else(|| TableError::UnknownService(name.to_string()))
+    }
+
+    /// The most specific service for a request on `listener` (an index into
+    /// the config's listeners): exact host beats wildcard beats `*`, then the
+    /// longest path prefix. `host` may carry a port.
+    #[inline]
+    pub fn route(&self, listener: usize, host: &str, path: &str) -> Option<&Service> {
+        let host = host_without_port(host);
+        let candidates = self.listener_services.get(listener)?;
+        let mut best: Option<(&Service, (u8, usize, usize))> = None;
+        for &i in candidates {
+            let s = &self.services[i];
+            if let Some(score) = s.match_score(host, path) {
+                if best.is_none_or(|(_, b)| score > b) {
+                    best = Some((s, score));
+                }
+            }
+        }
+        best.map(|(s, _)| s)
+    }
+
+    /// Applies a command to a copy of this table: `Ok(None)` when it would
+    /// change nothing.
+    pub fn with_command(&self, cmd: &Command) -> Result<Option<RoutingTable>, TableError> {
+        let idx = self.service_index(cmd.service())?;
+        let mut svc = self.services[idx].clone();
+        let changed = match cmd {
+            Command::SetSplit { candidate_bp, .. } => {
+                if *candidate_bp > BUCKETS {
+                    return Err(TableError::Invalid {
+                        field: "candidate_percent".into(),
+                        reason: format!("{} is out of range 0..100", f64::from(*candidate_bp) / 100.0),
+                    });
+                }
+                let changed = svc.split.candidate_bp != *candidate_bp;
+                svc.split.candidate_bp = *candidate_bp;
+                changed
+            }
+            Command::Promote { .. } => {
+                // The candidate takes all traffic and becomes the stable color.
+                svc.split.stable = svc.split.stable.other();
+                svc.split.candidate_bp = 0;
+                true
+            }
+            Command::Rollback { .. } => {
+                let changed = svc.split.candidate_bp != 0;
+                svc.split.candidate_bp = 0;
+                changed
+            }
+            Command::SetDrained { addr, drained, .. } => {
+                set_endpoint_flag(&mut svc, None, *addr, |e| &mut e.drained, *drained)?
+            }
+            Command::SetHealth {
+                color,
+                addr,
+                healthy,
+                ..
+            } => set_endpoint_flag(&mut svc, Some(*color), *addr, |e| &mut e.healthy, *healthy)?,
+        };
+        if !changed {
+            return Ok(None);
+        }
+        let mut services = self.services.clone();
+        services[idx] = svc;
+        Ok(Some(RoutingTable {
+            generation: self.generation + 1,
+            services,
+            listener_services: self.listener_services.clone(),
+            listener_names: self.listener_names.clone(),
+        }))
+    }
+}
+
+fn set_endpoint_flag(
+    svc: &mut Service,
+    color: Option<Color>,
+    addr: SocketAddr,
+    field: impl Fn(&mut Endpoint) -> &mut bool,
+    value: bool,
+) -> Result<bool, TableError> {
+    let colors = match color {
+        Some(c) => vec![c],
+        None => vec![Color::Blue, Color::Green],
+    };
+    let mut found = false;
+    let mut changed = false;
+    for c in colors {
+        let pool = svc.pool_mut(c);
+        for e in pool.endpoints.iter_mut().filter(|e| e.addr == addr) {
+            found = true;
+            let f = field(e);
+            changed |= *f != value;
+            *f = value;
+        }
+        pool.refresh();
+    }
+    if !found {
+        return Err(TableError::UnknownEndpoint {
+            service: svc.name.to_string(),
+            addr,
+        });
+    }
+    Ok(changed)
+}
+
+fn new_upstream(addr: SocketAddr, settings: &UpstreamSettings) -> Result<Upstream, String> {
+    let tls = match &settings.tls {
+        Some(t) => Some(
+            crate::tls::upstream_tls(t, settings.protocol, addr)
+                .map_err(|e| format!("upstream TLS for {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(Upstream::new(addr, settings.clone(), tls))
+}
+
+/// A change to the live table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Sets the candidate's share in basis points.
+    SetSplit { service: String, candidate_bp: u16 },
+    /// The candidate takes 100 % and becomes the stable color.
+    Promote { service: String },
+    /// The stable color takes 100 %.
+    Rollback { service: String },
+    /// Drains or undrains an endpoint (in whichever pool lists it).
+    SetDrained {
+        service: String,
+        addr: SocketAddr,
+        drained: bool,
+    },
+    /// Records a health verdict for an endpoint.
+    SetHealth {
+        service: String,
+        color: Color,
+        addr: SocketAddr,
+        healthy: bool,
+    },
+}
+
+impl Command {
+    pub fn service(&self) -> &str {
+        match self {
+            Command::SetSplit { service, .. }
+            | Command::Promote { service }
+            | Command::Rollback { service }
+            | Command::SetDrained { service, .. }
+            | Command::SetHealth { service, .. } => service,
+        }
+    }
+}
+
+/// A command with its preconditions.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub command: Command,
+    /// Apply only if the live generation is still this one.
+    pub if_generation: Option<u64>,
+}
+
+impl From<Command> for Change {
+    fn from(command: Command) -> Change {
+        Change {
+            command,
+            if_generation: None,
+        }
+    }
+}
+
+/// A successful `apply`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Changed { generation: u64 },
+    NoChange { generation: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    #[error("stale generation: expected {expected}, live is {current}")]
+    StaleGeneration { expected: u64, current: u64 },
+    #[error("no service named `{0}`")]
+    UnknownService(String),
+    #[error("service `{service}` has no endpoint {addr}")]
+    UnknownEndpoint { service: String, addr: SocketAddr },
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+/// The live table and its single write path.
+#[derive(Debug)]
+pub struct Table {
+    current: ArcSwap<RoutingTable>,
+    writer: Mutex<()>,
+    metrics: Arc<Metrics>,
+}
+
+impl Table {
+    /// Builds generation 1 from config.
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Table, String> {
+        let table = RoutingTable::build(config, &metrics, None, 1)?;
+        publish_gauges(&metrics, &table);
+        Ok(Table {
+            current: ArcSwap::from_pointee(table),
+            writer: Mutex::new(()),
+            metrics,
+        })
+    }
+
+    /// The live snapshot; hold it for the whole request.
+    #[inline]
+    pub fn load(&self) -> Arc<RoutingTable> {
+        self.current.load_full()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Validates and applies a change; the only way the live table moves
+    /// besides [`Table::replace_config`].
+    pub fn apply(&self, change: Change) -> Result<Applied, TableError> {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.current.load_full();
+        if let Some(expected) = change.if_generation {
+            if expected != cur.generation {
+                return Err(TableError::StaleGeneration {
+                    expected,
+                    current: cur.generation,
+                });
+            }
+        }
+        match cur.with_command(&change.command)? {
+            None => Ok(Applied::NoChange {
+                generation: cur.generation,
+            }),
+            Some(next) => {
+                let generation = next.generation;
+                publish_gauges(&self.metrics, &next);
+                self.current.store(Arc::new(next));
+                Ok(Applied::Changed { generation })
+            }
+        }
+    }
+
+    /// Rebuilds the table from a new config (a reload): static parts (pools,
+    /// endpoints, timeouts, policies) come from `config`, the dynamic state
+    /// of existing services is kept.
+    pub fn replace_config(&self, config: &Config) -> Result<Applied, String> {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.current.load_full();
+        let next = RoutingTable::build(config, &self.metrics, Some(&cur), cur.generation + 1)?;
+        let generation = next.generation;
+        publish_gauges(&self.metrics, &next);
+        self.current.store(Arc::new(next));
+        Ok(Applied::Changed { generation })
+    }
+
+    /// Closes idle upstream connections past their idle timeout.
+    pub fn reap_idle(&self) {
+        let t = self.load();
+        for s in &t.services {
+            for p in &s.pools {
+                for e in &p.endpoints {
+                    e.upstream.reap_idle();
+                }
+            }
+        }
+    }
+}
+
+fn publish_gauges(m: &Metrics, t: &RoutingTable) {
+    m.table_generation.set(t.generation as i64);
+    for s in &t.services {
+        m.candidate_share
+            .with_label_values(&[&s.name])
+            .set(f64::from(s.split.candidate_bp) / f64::from(BUCKETS));
+        for c in [Color::Blue, Color::Green] {
+            m.stable_color
+                .with_label_values(&[&s.name, c.as_str()])
+                .set((s.split.stable == c) as i64);
+            for e in &s.pool(c).endpoints {
+                m.endpoint_up
+                    .with_label_values(&[&s.name, c.as_str(), &e.addr.to_string()])
+                    .set(e.eligible() as i64);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> Table {
+        let cfg = Config::parse(
+            r#"
+[[listener]]
+name = "public"
+listen = "127.0.0.1:0"
+[[listener]]
+name = "internal"
+listen = "127.0.0.1:1"
+
+[[service]]
+name = "gateway"
+candidate_percent = 10
+blue  = { endpoints = ["127.0.0.1:8001", "127.0.0.1:8002"] }
+green = { endpoints = ["127.0.0.1:9001"] }
+
+[[service]]
+name = "api"
+hosts = ["api.example.com", "*.api.example.com"]
+path_prefix = "/v2"
+blue  = { endpoints = ["127.0.0.1:8101"] }
+green = { endpoints = ["127.0.0.1:9101"] }
+
+[[service]]
+name = "admin-only"
+hosts = ["admin.example.com"]
+listeners = ["internal"]
+blue  = { endpoints = ["127.0.0.1:8201"] }
+green = { endpoints = ["127.0.0.1:9201"] }
+"#,
+        )
+        .unwrap();
+        Table::new(&cfg, Metrics::new()).unwrap()
+    }
+
+    #[test]
+    fn routing_prefers_specific_matches() {
+        let t = table().load();
+        let name = |l, h, p| t.route(l, h, p).map(|s| s.name.to_string());
+        assert_eq!(name(0, "api.example.com:443", "/v2/users").as_deref(), Some("api"));
+        assert_eq!(name(0, "API.example.com", "/v2").as_deref(), Some("api"));
+        assert_eq!(name(0, "eu.api.example.com", "/v2?x=1").as_deref(), Some("api"));
+        assert_eq!(name(0, "api.example.com", "/v2x").as_deref(), Some("gateway"));
+        assert_eq!(name(0, "other.example", "/v2").as_deref(), Some("gateway"));
+        // Listener scoping.
+        assert_eq!(name(0, "admin.example.com", "/").as_deref(), Some("gateway"));
+        assert_eq!(name(1, "admin.example.com", "/").as_deref(), Some("admin-only"));
+        assert!(t.route(7, "x", "/").is_none());
+    }
+
+    #[test]
+    fn host_port_stripping() {
+        assert_eq!(host_without_port("a.b:80"), "a.b");
+        assert_eq!(host_without_port("a.b"), "a.b");
+        assert_eq!(host_without_port("[::1]:8080"), "[::1]");
+        assert_eq!(host_without_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn apply_outcomes() {
+        let t = table();
+        let split = |bp| Command::SetSplit {
+            service: "gateway".into(),
+            candidate_bp: bp,
+        };
+        assert_eq!(t.apply(split(1000).into()), Ok(Applied::NoChange { generation: 1 }));
+        assert_eq!(t.apply(split(2500).into()), Ok(Applied::Changed { generation: 2 }));
+        assert_eq!(t.load().service("gateway").unwrap().split.candidate_bp, 2500);
+        // Stale generation changes nothing.
+        let stale = Change {
+            command: split(5000),
+            if_generation: Some(1),
+        };
+        assert_eq!(
+            t.apply(stale),
+            Err(TableError::StaleGeneration { expected: 1, current: 2 })
+        );
+        assert_eq!(t.load().service("gateway").unwrap().split.candidate_bp, 2500);
+        let fresh = Change {
+            command: split(5000),
+            if_generation: Some(2),
+        };
+        assert_eq!(t.apply(fresh), Ok(Applied::Changed { generation: 3 }));
+        // Invalid and unknown: nothing changes.
+        assert!(matches!(t.apply(split(10_001).into()), Err(TableError::Invalid { .. })));
+        assert_eq!(
+            t.apply(Command::Rollback { service: "nope".into() }.into()),
+            Err(TableError::UnknownService("nope".into()))
+        );
+        assert_eq!(t.load().generation, 3);
+    }
+
+    #[test]
+    fn promote_and_rollback() {
+        let t = table();
+        let svc = || t.load().service("gateway").unwrap().split.clone();
+        t.apply(Command::Promote { service: "gateway".into() }.into()).unwrap();
+        assert_eq!((svc().stable, svc().candidate_bp), (Color::Green, 0));
+        t.apply(
+            Command::SetSplit {
+                service: "gateway".into(),
+                candidate_bp: 500,
+            }
+            .into(),
+        )
+        .unwrap();
+        assert_eq!(svc().candidate(), Color::Blue, "the next upgrade ramps blue");
+        t.apply(Command::Rollback { service: "gateway".into() }.into()).unwrap();
+        assert_eq!((svc().stable, svc().candidate_bp), (Color::Green, 0));
+        assert_eq!(
+            t.apply(Command::Rollback { service: "gateway".into() }.into()),
+            Ok(Applied::NoChange { generation: 4 })
+        );
+    }
+
+    #[test]
+    fn drain_and_health_shape_the_eligible_set() {
+        let t = table();
+        let a: SocketAddr = "127.0.0.1:8001".parse().unwrap();
+        let before = t.load();
+        t.apply(
+            Command::SetDrained {
+                service: "gateway".into(),
+                addr: a,
+                drained: true,
+            }
+            .into(),
+        )
+        .unwrap();
+        let pool = |t: &RoutingTable| t.service("gateway").unwrap().pool(Color::Blue).clone();
+        let after = t.load();
+        assert_eq!(pool(&after).eligible, vec![1]);
+        for _ in 0..100 {
+            assert_eq!(pool(&after).pick(None), Some(1));
+        }
+        // The old snapshot is untouched, and both share the live upstream.
+        assert_eq!(pool(&before).eligible, vec![0, 1]);
+        assert!(Arc::ptr_eq(&pool(&before).endpoints[0].upstream, &pool(&after).endpoints[0].upstream));
+        let b: SocketAddr = "127.0.0.1:8002".parse().unwrap();
+        t.apply(
+            Command::SetHealth {
+                service: "gateway".into(),
+                color: Color::Blue,
+                addr: b,
+                healthy: false,
+            }
+            .into(),
+        )
+        .unwrap();
+        assert_eq!(pool(&t.load()).pick(None), None);
+        let missing: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert!(matches!(
+            t.apply(
+                Command::SetDrained {
+                    service: "gateway".into(),
+                    addr: missing,
+                    drained: true
+                }
+                .into()
+            ),
+            Err(TableError::UnknownEndpoint { .. })
+        ));
+    }
+
+    #[test]
+    fn pick_avoids_the_failed_endpoint() {
+        let t = table().load();
+        let pool = t.service("gateway").unwrap().pool(Color::Blue);
+        for _ in 0..100 {
+            assert_eq!(pool.pick(Some(0)), Some(1));
+        }
+        let green = t.service("gateway").unwrap().pool(Color::Green);
+        assert_eq!(green.pick(Some(0)), None);
+    }
+}

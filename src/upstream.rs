@@ -1,0 +1,417 @@
+//! Connections to one endpoint: pooled HTTP/1.1 keep-alive connections or one
+//! shared HTTP/2 connection, over TCP or TLS, with connect and response-head
+//! timeouts.
+//!
+//! An [`Upstream`] outlives routing tables: a new table built for the same
+//! (service, color, address, settings) reuses it, so idle connections and the
+//! in-flight count survive every swap.
+//!
+//! The pool is lock-free on the request path: idle HTTP/1.1 senders sit in a
+//! bounded `ArrayQueue`, the HTTP/2 sender in an `ArcSwapOption`. Only opening
+//! a new HTTP/2 connection takes an (async) mutex, so a burst opens one
+//! connection rather than hundreds.
+//!
+//! [`Upstream::send`] never loses a request it could not send: a pooled
+//! connection found closed gives the request back (hyper's
+//! `try_send_request`) and it goes out on a fresh connection; a failure before
+//! anything was written returns it to the caller for a retry elsewhere.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use crossbeam_queue::ArrayQueue;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::body::{BodySent, BoxError, ReqBody};
+use crate::config::{Protocol, UpstreamSettings};
+
+/// Why an upstream exchange failed; mapped to a status in one place
+/// (`proxy::error_response`).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connect to {addr} timed out after {after:?}")]
+    ConnectTimeout { addr: SocketAddr, after: Duration },
+    #[error("TLS/HTTP handshake with {addr} failed: {source}")]
+    Handshake { addr: SocketAddr, source: BoxError },
+    #[error("{addr} sent no response head within {after:?}")]
+    ResponseTimeout { addr: SocketAddr, after: Duration },
+    #[error("exchange with {addr} failed: {source}")]
+    Exchange { addr: SocketAddr, source: hyper::Error },
+}
+
+impl UpstreamError {
+    /// Whether nothing of the request can have reached the endpoint.
+    pub fn before_send(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. }
+                | UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::Handshake { .. }
+        )
+    }
+}
+
+/// A failed send, with the request when it was never written.
+#[derive(Debug)]
+pub struct SendFailure {
+    pub error: UpstreamError,
+    pub request: Option<Request<ReqBody>>,
+}
+
+/// A connection to return to the pool once its response has been read.
+#[derive(Debug)]
+pub enum Pooled {
+    H1(http1::SendRequest<ReqBody>),
+}
+
+enum Sender {
+    H1(http1::SendRequest<ReqBody>),
+    H2(http2::SendRequest<ReqBody>),
+}
+
+#[derive(Debug)]
+struct Idle {
+    tx: http1::SendRequest<ReqBody>,
+    since: Instant,
+}
+
+/// Client-side TLS for an endpoint.
+#[derive(Clone)]
+pub struct UpstreamTlsConfig {
+    pub connector: TlsConnector,
+    pub server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for UpstreamTlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTlsConfig")
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+/// One endpoint's connections and live load.
+#[derive(Debug)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub settings: UpstreamSettings,
+    tls: Option<UpstreamTlsConfig>,
+    in_flight: AtomicU32,
+    idle: ArrayQueue<Idle>,
+    h2: ArcSwapOption<http2::SendRequest<ReqBody>>,
+    h2_connect: tokio::sync::Mutex<()>,
+}
+
+impl Upstream {
+    pub fn new(
+        addr: SocketAddr,
+        settings: UpstreamSettings,
+        tls: Option<UpstreamTlsConfig>,
+    ) -> Upstream {
+        Upstream {
+            addr,
+            idle: ArrayQueue::new(settings.max_idle_per_endpoint),
+            settings,
+            tls,
+            in_flight: AtomicU32::new(0),
+            h2: ArcSwapOption::empty(),
+            h2_connect: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Requests currently sent to this endpoint.
+    #[inline]
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn in_flight_inc(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn in_flight_dec(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Idle HTTP/1.1 connections held.
+    pub fn idle_connections(&self) -> usize {
+        self.idle.len()
+    }
+
+    /// Returns a connection whose response has been read to its end. hyper
+    /// marks it ready a moment after the body's end reached us; one not yet
+    /// ready is awaited (bounded) in a small task, off the request path.
+    pub fn check_in(self: &Arc<Self>, pooled: Pooled) {
+        let Pooled::H1(mut tx) = pooled;
+        if tx.is_closed() {
+            return;
+        }
+        if tx.is_ready() {
+            let _ = self.idle.push(Idle {
+                tx,
+                since: Instant::now(),
+            });
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let ready = tokio::time::timeout(Duration::from_secs(1), tx.ready()).await;
+            if matches!(ready, Ok(Ok(()))) {
+                let _ = me.idle.push(Idle {
+                    tx,
+                    since: Instant::now(),
+                });
+            }
+        });
+    }
+
+    /// Closes idle connections older than the idle timeout.
+    pub fn reap_idle(&self) {
+        let n = self.idle.len();
+        for _ in 0..n {
+            match self.idle.pop() {
+                Some(i) if self.usable(&i) => {
+                    let _ = self.idle.push(i);
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+    }
+
+    fn usable(&self, i: &Idle) -> bool {
+        !i.tx.is_closed() && i.tx.is_ready() && i.since.elapsed() < self.settings.idle_timeout
+    }
+
+    fn checkout(&self) -> Option<Sender> {
+        match self.settings.protocol {
+            Protocol::Http1 => {
+                while let Some(i) = self.idle.pop() {
+                    if self.usable(&i) {
+                        return Some(Sender::H1(i.tx));
+                    }
+                }
+                None
+            }
+            Protocol::H2 | Protocol::H2c => {
+                let g = self.h2.load();
+                match g.as_ref() {
+                    Some(tx) if !tx.is_closed() => Some(Sender::H2((**tx).clone())),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    async fn connect_sender(&self) -> Result<Sender, UpstreamError> {
+        match self.settings.protocol {
+            Protocol::Http1 => self.connect().await,
+            Protocol::H2 | Protocol::H2c => {
+                let _one_at_a_time = self.h2_connect.lock().await;
+                if let Some(s) = self.checkout() {
+                    return Ok(s);
+                }
+                let s = self.connect().await?;
+                if let Sender::H2(tx) = &s {
+                    self.h2.store(Some(Arc::new(tx.clone())));
+                }
+                Ok(s)
+            }
+        }
+    }
+
+    /// Opens a new connection (TCP, optional TLS, HTTP handshake).
+    async fn connect(&self) -> Result<Sender, UpstreamError> {
+        let addr = self.addr;
+        let limit = self.settings.connect_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Err(_) => return Err(UpstreamError::ConnectTimeout { addr, after: limit }),
+            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+            Ok(Ok(s)) => s,
+        };
+        let _ = tcp.set_nodelay(true);
+        let handshake_err = |source: BoxError| UpstreamError::Handshake { addr, source };
+        let fut = async {
+            match &self.tls {
+                None => handshake(tcp, self.settings.protocol).await,
+                Some(tls) => {
+                    let stream = tls
+                        .connector
+                        .connect(tls.server_name.clone(), tcp)
+                        .await
+                        .map_err(|e| Box::new(e) as BoxError)?;
+                    handshake(stream, self.settings.protocol).await
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline, fut).await {
+            Err(_) => Err(UpstreamError::ConnectTimeout { addr, after: limit }),
+            Ok(Err(e)) => Err(handshake_err(e)),
+            Ok(Ok(s)) => Ok(s),
+        }
+    }
+
+    /// Sends a request and waits for the response head.
+    ///
+    /// The response timer starts when `body_sent` fires (the client's body
+    /// has been read to its end) or at once for bodiless requests.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<ReqBody>,
+        body_sent: Option<&BodySent>,
+    ) -> Result<(Response<Incoming>, Option<Pooled>), SendFailure> {
+        let addr = self.addr;
+        // Pooled connections may turn out closed; each such attempt gives the
+        // request back untouched. Bounded so a broken endpoint cannot spin.
+        for _ in 0..4 {
+            let (sender, fresh) = match self.checkout() {
+                Some(s) => (s, false),
+                None => match self.connect_sender().await {
+                    Ok(s) => (s, true),
+                    Err(error) => {
+                        return Err(SendFailure {
+                            error,
+                            request: Some(req),
+                        })
+                    }
+                },
+            };
+            let result = match sender {
+                Sender::H1(mut tx) => {
+                    let fut = tx.try_send_request(req);
+                    self.await_head(fut, body_sent)
+                        .await
+                        .map(|resp| (resp, Some(Pooled::H1(tx))))
+                }
+                Sender::H2(mut tx) => {
+                    let fut = tx.try_send_request(req);
+                    self.await_head(fut, body_sent).await.map(|resp| (resp, None))
+                }
+            };
+            match result {
+                Ok(ok) => return Ok(ok),
+                Err(Attempt::NotSent(r, e)) => {
+                    if fresh {
+                        return Err(SendFailure {
+                            error: UpstreamError::Handshake {
+                                addr,
+                                source: Box::new(e),
+                            },
+                            request: Some(r),
+                        });
+                    }
+                    // A stale pooled connection: forget it and go again.
+                    if self.settings.protocol != Protocol::Http1 {
+                        self.h2.store(None);
+                    }
+                    req = r;
+                }
+                Err(Attempt::Failed(error)) => {
+                    if self.settings.protocol != Protocol::Http1 {
+                        self.drop_h2_if_closed();
+                    }
+                    return Err(SendFailure {
+                        error,
+                        request: None,
+                    });
+                }
+            }
+        }
+        Err(SendFailure {
+            error: UpstreamError::Connect {
+                addr,
+                source: std::io::Error::other("every pooled connection was closed"),
+            },
+            request: Some(req),
+        })
+    }
+
+    fn drop_h2_if_closed(&self) {
+        if let Some(tx) = self.h2.load().as_ref() {
+            if tx.is_closed() {
+                self.h2.store(None);
+            }
+        }
+    }
+
+    async fn await_head(
+        &self,
+        fut: impl std::future::Future<
+            Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ReqBody>>>,
+        >,
+        body_sent: Option<&BodySent>,
+    ) -> Result<Response<Incoming>, Attempt> {
+        let addr = self.addr;
+        let after = self.settings.response_timeout;
+        let timer = async {
+            if let Some(sent) = body_sent {
+                sent.notified().await;
+            }
+            tokio::time::sleep(after).await;
+        };
+        tokio::select! {
+            biased;
+            r = fut => match r {
+                Ok(resp) => Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(req) => Err(Attempt::NotSent(req, e.into_error())),
+                    None => Err(Attempt::Failed(UpstreamError::Exchange { addr, source: e.into_error() })),
+                },
+            },
+            () = timer => Err(Attempt::Failed(UpstreamError::ResponseTimeout { addr, after })),
+        }
+    }
+}
+
+enum Attempt {
+    NotSent(Request<ReqBody>, hyper::Error),
+    Failed(UpstreamError),
+}
+
+async fn handshake<IO>(io: IO, protocol: Protocol) -> Result<Sender, BoxError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    match protocol {
+        Protocol::Http1 => {
+            let (tx, conn) = http1::Builder::new().handshake(io).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+            });
+            Ok(Sender::H1(tx))
+        }
+        Protocol::H2 | Protocol::H2c => {
+            let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream h2 connection ended");
+                }
+            });
+            Ok(Sender::H2(tx))
+        }
+    }
+}
