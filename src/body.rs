@@ -97,8 +97,7 @@ impl Body for ReqBody {
             ReqBody::Client(b) => match Pin::new(&mut b.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(t) = b.timer.as_mut() {
-                        t.as_mut()
-                            .reset(tokio::time::Instant::now() + b.idle);
+                        t.as_mut().reset(tokio::time::Instant::now() + b.idle);
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }

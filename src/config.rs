@@ -439,7 +439,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        _ => return Err(format!("`{s}` has unknown unit `{unit}` (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "`{s}` has unknown unit `{unit}` (use ms, s, m or h)"
+            ))
+        }
     };
     let secs = value * scale;
     if !secs.is_finite() || secs > 365.0 * 86400.0 {
@@ -520,7 +524,10 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     let mut p = Problems::default();
 
     if raw.runtime.worker_threads == Some(0) {
-        p.push("runtime.worker_threads", "must be at least 1 (omit it for one per core)");
+        p.push(
+            "runtime.worker_threads",
+            "must be at least 1 (omit it for one per core)",
+        );
     }
     let runtime = RuntimeConfig {
         worker_threads: raw.runtime.worker_threads.filter(|n| *n > 0),
@@ -548,7 +555,10 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     for (i, a) in listeners.iter().enumerate() {
         for b in &listeners[..i] {
             if a.name == b.name {
-                p.push(format!("listener[{}].name", a.name), "duplicate listener name");
+                p.push(
+                    format!("listener[{}].name", a.name),
+                    "duplicate listener name",
+                );
             }
             if a.listen == b.listen {
                 p.push(
@@ -575,7 +585,10 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     }
     for (i, a) in services.iter().enumerate() {
         if services[..i].iter().any(|b| b.name == a.name) {
-            p.push(format!("service[{}].name", a.name), "duplicate service name");
+            p.push(
+                format!("service[{}].name", a.name),
+                "duplicate service name",
+            );
         }
         for b in &services[..i] {
             let same_listener = a.listeners.is_empty()
@@ -696,7 +709,10 @@ fn validate_listener(
         .h2_max_concurrent_streams
         .unwrap_or(defaults::H2_MAX_CONCURRENT_STREAMS);
     if h2_max_concurrent_streams == 0 {
-        p.push(format!("{key}.h2_max_concurrent_streams"), "must be at least 1");
+        p.push(
+            format!("{key}.h2_max_concurrent_streams"),
+            "must be at least 1",
+        );
     }
     let cfg = ListenerConfig {
         name: l.name,
@@ -752,7 +768,10 @@ fn validate_service(
     }
     let raw_hosts = s.hosts.unwrap_or_else(|| vec!["*".into()]);
     if raw_hosts.is_empty() {
-        p.push(format!("{key}.hosts"), "must list at least one host (\"*\" matches any)");
+        p.push(
+            format!("{key}.hosts"),
+            "must list at least one host (\"*\" matches any)",
+        );
     }
     let mut hosts = Vec::with_capacity(raw_hosts.len());
     for (i, h) in raw_hosts.iter().enumerate() {
@@ -796,13 +815,19 @@ fn validate_service(
             match HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()) {
                 Ok(n) => Some(Sticky::Header(n)),
                 Err(_) => {
-                    p.push(format!("{key}.sticky.header"), format!("`{h}` is not a header name"));
+                    p.push(
+                        format!("{key}.sticky.header"),
+                        format!("`{h}` is not a header name"),
+                    );
                     None
                 }
             }
         } else if let Some(c) = st.cookie {
             if c.is_empty() || c.contains(['=', ';', ' ']) {
-                p.push(format!("{key}.sticky.cookie"), format!("`{c}` is not a cookie name"));
+                p.push(
+                    format!("{key}.sticky.cookie"),
+                    format!("`{c}` is not a cookie name"),
+                );
                 None
             } else {
                 Some(Sticky::Cookie(c))
@@ -863,9 +888,9 @@ fn parse_host_pattern(h: &str) -> Result<HostPattern, String> {
         None => (false, h.as_str()),
     };
     let valid = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']'));
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']')
+        });
     if !valid {
         return Err(format!(
             "`{h}` is not a host pattern (use \"*\", \"api.example.com\" or \"*.example.com\")"
@@ -886,17 +911,22 @@ fn validate_pool(
     p: &mut Problems,
 ) -> Option<PoolConfig> {
     if pool.endpoints.is_empty() {
-        p.push(format!("{key}.endpoints"), "must list at least one endpoint");
+        p.push(
+            format!("{key}.endpoints"),
+            "must list at least one endpoint",
+        );
     }
     let mut endpoints: Vec<SocketAddr> = Vec::with_capacity(pool.endpoints.len());
     for (i, e) in pool.endpoints.iter().enumerate() {
         match e.parse::<SocketAddr>() {
-            Ok(a) if endpoints.contains(&a) => {
-                p.push(format!("{key}.endpoints[{i}]"), format!("{a} is listed twice"))
-            }
-            Ok(a) if a.port() == 0 => {
-                p.push(format!("{key}.endpoints[{i}]"), "port 0 is not a valid endpoint")
-            }
+            Ok(a) if endpoints.contains(&a) => p.push(
+                format!("{key}.endpoints[{i}]"),
+                format!("{a} is listed twice"),
+            ),
+            Ok(a) if a.port() == 0 => p.push(
+                format!("{key}.endpoints[{i}]"),
+                "port 0 is not a valid endpoint",
+            ),
             Ok(a) => endpoints.push(a),
             Err(_) => p.push(
                 format!("{key}.endpoints[{i}]"),
@@ -913,7 +943,10 @@ fn validate_pool(
         }
         if let Some(name) = &t.server_name {
             if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
-                p.push(format!("{key}.tls.server_name"), format!("`{name}` is not a DNS name or IP"));
+                p.push(
+                    format!("{key}.tls.server_name"),
+                    format!("`{name}` is not a DNS name or IP"),
+                );
             }
         }
         UpstreamTls {
@@ -937,18 +970,25 @@ fn validate_pool(
         .or(svc.max_idle_per_endpoint)
         .unwrap_or(defaults::MAX_IDLE_PER_ENDPOINT);
     if max_idle == 0 || max_idle > 65_536 {
-        p.push(format!("{key}.max_idle_per_endpoint"), "must be in 1..=65536");
+        p.push(
+            format!("{key}.max_idle_per_endpoint"),
+            "must be in 1..=65536",
+        );
     }
     let upstream = UpstreamSettings {
         protocol,
         connect_timeout: p.duration(
             format!("{key}.connect_timeout"),
-            pool.connect_timeout.as_deref().or(svc.connect_timeout.as_deref()),
+            pool.connect_timeout
+                .as_deref()
+                .or(svc.connect_timeout.as_deref()),
             defaults::CONNECT_TIMEOUT,
         ),
         response_timeout: p.duration(
             format!("{key}.response_timeout"),
-            pool.response_timeout.as_deref().or(svc.response_timeout.as_deref()),
+            pool.response_timeout
+                .as_deref()
+                .or(svc.response_timeout.as_deref()),
             defaults::RESPONSE_TIMEOUT,
         ),
         idle_timeout: p.duration(
@@ -991,7 +1031,10 @@ green = { endpoints = ["127.0.0.1:9001"] }
         assert_eq!(s.hosts, vec![HostPattern::Any]);
         assert_eq!(s.path_prefix, "/");
         assert_eq!(s.salt, "gateway");
-        assert_eq!(s.sticky, Some(Sticky::Header(HeaderName::from_static("x-user-id"))));
+        assert_eq!(
+            s.sticky,
+            Some(Sticky::Header(HeaderName::from_static("x-user-id")))
+        );
         assert_eq!(s.blue.upstream.connect_timeout, defaults::CONNECT_TIMEOUT);
         assert_eq!(c.listeners[0].max_header_bytes, 64 * 1024);
     }

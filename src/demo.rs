@@ -96,7 +96,11 @@ pub async fn start_backend(
     Ok(local)
 }
 
-fn backend_response(color: &str, local: SocketAddr, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn backend_response(
+    color: &str,
+    local: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let body = format!(
         "{color} ({local}) answered {} {}\n",
         req.method(),
@@ -106,7 +110,8 @@ fn backend_response(color: &str, local: SocketAddr, req: &Request<Incoming>) -> 
     *resp.status_mut() = StatusCode::OK;
     resp.headers_mut().insert(
         "x-backend",
-        http::HeaderValue::from_str(&format!("{color} {local}")).unwrap_or(http::HeaderValue::from_static("demo")),
+        http::HeaderValue::from_str(&format!("{color} {local}"))
+            .unwrap_or(http::HeaderValue::from_static("demo")),
     );
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -58,7 +58,10 @@ const fn reject(status: StatusCode, reason: &'static str) -> Reject {
 /// The request's host (with any port), validated. Borrowed from the request.
 pub fn check_request<B>(req: &Request<B>, max_header_bytes: usize) -> Result<&str, Reject> {
     if req.method() == Method::CONNECT {
-        return Err(reject(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported"));
+        return Err(reject(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported",
+        ));
     }
     let headers = req.headers();
     let mut head_bytes = req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 16;
@@ -133,8 +136,9 @@ fn request_host<B>(req: &Request<B>) -> Result<&str, Reject> {
 /// userinfo, no path, no whitespace).
 fn valid_host(h: &str) -> bool {
     h.len() <= 255
-        && h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']'))
+        && h.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']')
+        })
 }
 
 /// Whether a request asks to switch protocols (HTTP/1.1 `Upgrade`).
@@ -184,10 +188,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
     headers.remove(header::TRANSFER_ENCODING);
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers")));
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    });
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -322,10 +327,20 @@ mod tests {
         assert_eq!(h11(&[("host", "a b")]), 400);
         assert_eq!(h11(&[("host", "user@evil")]), 400);
         assert_eq!(h11(&[("host", "a"), ("transfer-encoding", "chunked")]), 200);
-        assert_eq!(h11(&[("host", "a"), ("transfer-encoding", "chunked, chunked")]), 400);
-        assert_eq!(h11(&[("host", "a"), ("transfer-encoding", "gzip, chunked")]), 400);
         assert_eq!(
-            h11(&[("host", "a"), ("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")]),
+            h11(&[("host", "a"), ("transfer-encoding", "chunked, chunked")]),
+            400
+        );
+        assert_eq!(
+            h11(&[("host", "a"), ("transfer-encoding", "gzip, chunked")]),
+            400
+        );
+        assert_eq!(
+            h11(&[
+                ("host", "a"),
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked")
+            ]),
             400
         );
         let big = "x".repeat(70_000);
@@ -339,23 +354,38 @@ mod tests {
         assert_eq!(status(check_request(&connect, 65536)), 405);
         // Absolute-form must agree with Host.
         assert_eq!(
-            status(check_request(&req(Version::HTTP_11, "http://a.example/x", &[("host", "b.example")]), 65536)),
+            status(check_request(
+                &req(
+                    Version::HTTP_11,
+                    "http://a.example/x",
+                    &[("host", "b.example")]
+                ),
+                65536
+            )),
             400
         );
         // HTTP/2.
-        let h2 = |uri: &str, h: &[(&str, &str)]| status(check_request(&req(Version::HTTP_2, uri, h), 65536));
+        let h2 = |uri: &str, h: &[(&str, &str)]| {
+            status(check_request(&req(Version::HTTP_2, uri, h), 65536))
+        };
         assert_eq!(h2("https://a.example/", &[]), 200);
         assert_eq!(h2("https://a.example/", &[("host", "a.example")]), 200);
         assert_eq!(h2("https://a.example/", &[("host", "b.example")]), 400);
         assert_eq!(h2("/", &[]), 400);
         // HTTP/1.0 may omit Host.
-        assert_eq!(status(check_request(&req(Version::HTTP_10, "/", &[]), 65536)), 200);
+        assert_eq!(
+            status(check_request(&req(Version::HTTP_10, "/", &[]), 65536)),
+            200
+        );
     }
 
     #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret, host, Content-Length"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret, host, Content-Length"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("host", HeaderValue::from_static("a"));
@@ -367,7 +397,13 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(h.get("te").unwrap(), "trailers");
-        for gone in ["connection", "keep-alive", "x-secret", "upgrade", "proxy-connection"] {
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "upgrade",
+            "proxy-connection",
+        ] {
             assert!(!names.contains(&gone), "{gone} still in {names:?}");
         }
         for kept in ["host", "content-length", "x-keep"] {
@@ -386,23 +422,35 @@ mod tests {
         let text = format!(
             "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = {trusted:?}\n[[service]]\nname = \"s\"\nblue = {{ endpoints = [\"127.0.0.1:1\"] }}\ngreen = {{ endpoints = [\"127.0.0.1:2\"] }}\n"
         );
-        crate::config::Config::parse(&text).unwrap().listeners.remove(0)
+        crate::config::Config::parse(&text)
+            .unwrap()
+            .listeners
+            .remove(0)
     }
 
     #[test]
     fn forwarding_trusts_only_trusted_peers() {
         let l = listener(&["10.0.0.0/8"]);
         let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.5, 10.1.1.1"));
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.5, 10.1.1.1"),
+        );
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         let untrusted: IpAddr = "198.51.100.1".parse().unwrap();
         let trusted: IpAddr = "10.0.0.9".parse().unwrap();
         assert_eq!(client_ip(&h, untrusted, &l), untrusted);
-        assert_eq!(client_ip(&h, trusted, &l), "203.0.113.5".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(&h, trusted, &l),
+            "203.0.113.5".parse::<IpAddr>().unwrap()
+        );
 
         let mut a = h.clone();
         set_forwarding(&mut a, trusted, true, false, "a.example");
-        assert_eq!(a.get("x-forwarded-for").unwrap(), "203.0.113.5, 10.1.1.1, 10.0.0.9");
+        assert_eq!(
+            a.get("x-forwarded-for").unwrap(),
+            "203.0.113.5, 10.1.1.1, 10.0.0.9"
+        );
         assert_eq!(a.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(a.get("x-forwarded-host").unwrap(), "a.example");
 

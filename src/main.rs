@@ -55,7 +55,9 @@ fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     // CYAN_LOG takes tracing's filter syntax, e.g. "info,cyan::proxy=debug".
     let filter = EnvFilter::try_from_env("CYAN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -134,12 +136,20 @@ async fn run(cfg: Config, path: Option<PathBuf>) -> ExitCode {
             tracing::info!(listener = %l.name, %addr, tls = l.tls.is_some(), "listening");
         }
     }
-    tracing::info!(version = cyan::VERSION, services = cfg.services.len(), "cyan is serving");
+    tracing::info!(
+        version = cyan::VERSION,
+        services = cfg.services.len(),
+        "cyan is serving"
+    );
     wait_for_signals(&server, path.as_deref(), &cfg).await;
     tracing::info!("draining");
     let report = server.shutdown().await;
     if report.abandoned > 0 {
-        tracing::warn!(abandoned = report.abandoned, elapsed_ms = report.elapsed.as_millis() as u64, "drain deadline passed; remaining connections reset");
+        tracing::warn!(
+            abandoned = report.abandoned,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "drain deadline passed; remaining connections reset"
+        );
     } else {
         tracing::info!(elapsed_ms = report.elapsed.as_millis() as u64, "drained");
     }
@@ -252,6 +262,9 @@ async fn demo(listen: SocketAddr) -> ExitCode {
     wait_for_signals(&server, None, &cfg).await;
     let report = server.shutdown().await;
     stop.cancel();
-    tracing::info!(elapsed_ms = report.elapsed.as_millis() as u64, "demo stopped");
+    tracing::info!(
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "demo stopped"
+    );
     ExitCode::SUCCESS
 }

@@ -9,8 +9,8 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::Color;
@@ -158,7 +158,10 @@ impl Metrics {
         let stable_color = reg(
             &r,
             IntGaugeVec::new(
-                Opts::new("cyan_stable_color_info", "1 for each service's stable color."),
+                Opts::new(
+                    "cyan_stable_color_info",
+                    "1 for each service's stable color.",
+                ),
                 &["service", "color"],
             )
             .expect("valid"),
@@ -176,8 +179,11 @@ impl Metrics {
         );
         let table_generation = reg(
             &r,
-            IntGauge::new("cyan_table_generation", "Generation of the live routing table.")
-                .expect("valid"),
+            IntGauge::new(
+                "cyan_table_generation",
+                "Generation of the live routing table.",
+            )
+            .expect("valid"),
         );
         let connections_open = reg(
             &r,
@@ -212,7 +218,10 @@ impl Metrics {
         let build_info = reg(
             &r,
             IntGaugeVec::new(
-                Opts::new("cyan_build_info", "Always 1; the version label says which build."),
+                Opts::new(
+                    "cyan_build_info",
+                    "Always 1; the version label says which build.",
+                ),
                 &["version"],
             )
             .expect("valid"),
@@ -245,9 +254,18 @@ impl Metrics {
     pub fn pool(&self, service: &str, color: Color) -> PoolMetrics {
         let c = color.as_str();
         let class = |k: &str| self.requests.with_label_values(&[service, c, k]);
-        let err = |k: ErrorKind| self.upstream_errors.with_label_values(&[service, c, k.as_str()]);
+        let err = |k: ErrorKind| {
+            self.upstream_errors
+                .with_label_values(&[service, c, k.as_str()])
+        };
         PoolMetrics {
-            requests: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            requests: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
             duration: self.duration.with_label_values(&[service, c]),
             in_flight: self.in_flight.with_label_values(&[service, c]),
             upstream_errors: ErrorKind::ALL.map(err),

@@ -33,7 +33,7 @@ use crate::config::{Color, ListenerConfig, Protocol};
 use crate::headers::{self, Reject};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::server::ConnActivity;
-use crate::table::{RoutingTable, Service, Table};
+use crate::table::{Service, Table};
 use crate::upstream::{SendFailure, UpstreamError};
 
 /// Statuses cyan answers itself, for the rejection counter.
@@ -56,8 +56,11 @@ impl ListenerCtx {
         let name = config.name.clone();
         ListenerCtx {
             index,
-            rejected: OWN_STATUSES
-                .map(|c| metrics.rejected_requests.with_label_values(&[&name, &c.to_string()])),
+            rejected: OWN_STATUSES.map(|c| {
+                metrics
+                    .rejected_requests
+                    .with_label_values(&[&name, &c.to_string()])
+            }),
             connections_open: metrics.connections_open.with_label_values(&[&name]),
             tls_handshake_errors: metrics.tls_handshake_errors.with_label_values(&[&name]),
             config,
@@ -81,6 +84,7 @@ pub struct ConnCtx {
     pub trusted_peer: bool,
     pub tls: bool,
     pub activity: Arc<ConnActivity>,
+    pub stops: crate::server::Stops,
 }
 
 /// Handles one request. Never fails: every error is a response.
@@ -99,7 +103,7 @@ pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<Incoming>) -> Re
         };
         return reject(conn, r, guard);
     };
-    forward(&snapshot, svc, conn, req, guard, start).await
+    forward(svc, conn, req, guard, start).await
 }
 
 fn reject(conn: &ConnCtx, r: Reject, guard: RequestGuard) -> Response<RespBody> {
@@ -130,7 +134,6 @@ fn text_response(status: StatusCode, reason: &str, guard: RequestGuard) -> Respo
 }
 
 async fn forward(
-    _snapshot: &RoutingTable,
     svc: &Service,
     conn: &ConnCtx,
     req: Request<Incoming>,
@@ -195,11 +198,26 @@ async fn forward(
         let pool = svc.pool(color);
         let endpoint = &pool.endpoints[idx];
         let protocol = endpoint.upstream.settings.protocol;
-        shape_for_upstream(&mut up_req, protocol, &host_value, endpoint.upstream.settings.tls.is_some());
+        shape_for_upstream(
+            &mut up_req,
+            protocol,
+            &host_value,
+            endpoint.upstream.settings.tls.is_some(),
+        );
         guard.attach_upstream(pool.metrics.clone(), endpoint.upstream.clone(), start);
         match endpoint.upstream.send(up_req, body_sent.as_ref()).await {
             Ok((resp, pooled)) => {
-                return respond(svc, color, resp, pooled, guard, client_version, client_upgrade, request_id);
+                return respond(
+                    svc,
+                    color,
+                    resp,
+                    pooled,
+                    guard,
+                    client_version,
+                    client_upgrade,
+                    request_id,
+                    conn,
+                );
             }
             Err(SendFailure {
                 error,
@@ -211,7 +229,10 @@ async fn forward(
                 // Same color first, then the other color.
                 let next = match pool.pick(Some(idx)) {
                     Some(i) => Some((color, i)),
-                    None => svc.pool(color.other()).pick(None).map(|i| (color.other(), i)),
+                    None => svc
+                        .pool(color.other())
+                        .pick(None)
+                        .map(|i| (color.other(), i)),
                 };
                 let Some((c, i)) = next else {
                     return upstream_error(svc, color, endpoint.addr, &error, guard);
@@ -231,7 +252,12 @@ async fn forward(
 }
 
 /// Sets the URI form, version and Host for the endpoint's protocol.
-fn shape_for_upstream(req: &mut Request<ReqBody>, protocol: Protocol, host: &HeaderValue, tls: bool) {
+fn shape_for_upstream(
+    req: &mut Request<ReqBody>,
+    protocol: Protocol,
+    host: &HeaderValue,
+    tls: bool,
+) {
     let path = req
         .uri()
         .path_and_query()
@@ -272,18 +298,30 @@ fn respond(
     client_version: Version,
     client_upgrade: Option<OnUpgrade>,
     request_id: HeaderValue,
+    conn: &ConnCtx,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         match (client_upgrade, parts.extensions.remove::<OnUpgrade>()) {
             (Some(client), Some(upstream)) => {
-                tokio::spawn(tunnel(client, upstream, svc.name.clone()));
+                let hard = conn.stops.hard.clone();
+                let name = svc.name.clone();
+                conn.stops.tracker.spawn(async move {
+                    tokio::select! {
+                        _ = tunnel(client, upstream, name) => {}
+                        _ = hard.cancelled() => {}
+                    }
+                });
             }
             _ => {
                 // A 101 nobody asked for cannot be relayed.
                 tracing::warn!(service = %svc.name, %color, "upstream switched protocols unasked");
-                return text_response(StatusCode::BAD_GATEWAY, "unexpected 101 from upstream", guard);
+                return text_response(
+                    StatusCode::BAD_GATEWAY,
+                    "unexpected 101 from upstream",
+                    guard,
+                );
             }
         }
     }

@@ -38,7 +38,9 @@ pub async fn read_header(stream: &mut TcpStream) -> Result<Option<SocketAddr>, P
         stream.read_exact(&mut buf[12..16]).await?;
         let len = u16::from_be_bytes([buf[14], buf[15]]) as usize;
         if len > V2_MAX_PAYLOAD {
-            return Err(ProxyHeaderError::Malformed(format!("v2 payload of {len} bytes")));
+            return Err(ProxyHeaderError::Malformed(format!(
+                "v2 payload of {len} bytes"
+            )));
         }
         buf.resize(16 + len, 0);
         stream.read_exact(&mut buf[16..]).await?;
@@ -55,7 +57,9 @@ pub async fn read_header(stream: &mut TcpStream) -> Result<Option<SocketAddr>, P
         } else {
             while !buf.ends_with(b"\r\n") {
                 if buf.len() >= V1_MAX {
-                    return Err(ProxyHeaderError::Malformed("v1 line longer than 107 bytes".into()));
+                    return Err(ProxyHeaderError::Malformed(
+                        "v1 line longer than 107 bytes".into(),
+                    ));
                 }
                 buf.push(stream.read_u8().await?);
             }
@@ -90,8 +94,12 @@ pub fn parse(bytes: &[u8]) -> Result<Option<SocketAddr>, ProxyHeaderError> {
         }),
         HeaderResult::V2(Ok(h)) => Ok(match (h.command, h.addresses) {
             (v2::Command::Local, _) => None,
-            (_, v2::Addresses::IPv4(a)) => Some(SocketAddr::from((a.source_address, a.source_port))),
-            (_, v2::Addresses::IPv6(a)) => Some(SocketAddr::from((a.source_address, a.source_port))),
+            (_, v2::Addresses::IPv4(a)) => {
+                Some(SocketAddr::from((a.source_address, a.source_port)))
+            }
+            (_, v2::Addresses::IPv6(a)) => {
+                Some(SocketAddr::from((a.source_address, a.source_port)))
+            }
             _ => None,
         }),
         HeaderResult::V1(Err(e)) => Err(ProxyHeaderError::Malformed(e.to_string())),
@@ -106,10 +114,16 @@ mod tests {
     #[test]
     fn v1_and_v2() {
         let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 80\r\n";
-        assert_eq!(parse(v1).unwrap(), Some("203.0.113.7:51000".parse().unwrap()));
+        assert_eq!(
+            parse(v1).unwrap(),
+            Some("203.0.113.7:51000".parse().unwrap())
+        );
         assert_eq!(parse(b"PROXY UNKNOWN\r\n").unwrap(), None);
         let v6 = b"PROXY TCP6 2001:db8::1 2001:db8::2 4000 443\r\n";
-        assert_eq!(parse(v6).unwrap(), Some("[2001:db8::1]:4000".parse().unwrap()));
+        assert_eq!(
+            parse(v6).unwrap(),
+            Some("[2001:db8::1]:4000".parse().unwrap())
+        );
         assert!(parse(b"PROXY TCP4 nonsense\r\n").is_err());
 
         let v2 = ppp::v2::Builder::with_addresses(
@@ -122,7 +136,10 @@ mod tests {
         )
         .build()
         .unwrap();
-        assert_eq!(parse(&v2).unwrap(), Some("198.51.100.4:3333".parse().unwrap()));
+        assert_eq!(
+            parse(&v2).unwrap(),
+            Some("198.51.100.4:3333".parse().unwrap())
+        );
     }
 
     #[test]

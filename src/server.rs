@@ -126,6 +126,9 @@ pub struct Server {
     /// Each TLS listener's certificate resolver, for reloads.
     pub tls_resolvers: Vec<(String, Arc<SniResolver>)>,
     shutdown: CancellationToken,
+    /// Cancelled at the drain deadline: whatever still runs is dropped (its
+    /// connections reset) rather than left behind.
+    hard_stop: CancellationToken,
     tracker: TaskTracker,
     drain_timeout: Duration,
 }
@@ -152,6 +155,7 @@ impl Server {
         crate::tls::install_provider();
         let metrics = table.metrics().clone();
         let shutdown = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let mut addrs = Vec::new();
         let mut tls_resolvers = Vec::new();
@@ -191,8 +195,11 @@ impl Server {
                 acceptor,
                 builder,
                 table.clone(),
-                shutdown.clone(),
-                tracker.clone(),
+                Stops {
+                    graceful: shutdown.clone(),
+                    hard: hard_stop.clone(),
+                    tracker: tracker.clone(),
+                },
             ));
         }
         // Idle upstream connections are closed in the background.
@@ -215,6 +222,7 @@ impl Server {
             addrs,
             tls_resolvers,
             shutdown,
+            hard_stop,
             tracker,
             drain_timeout: config.runtime.drain_timeout,
         })
@@ -241,6 +249,12 @@ impl Server {
         self.tracker.close();
         let done = tokio::time::timeout(self.drain_timeout, self.tracker.wait()).await;
         let abandoned = if done.is_ok() { 0 } else { self.tracker.len() };
+        if abandoned > 0 {
+            self.hard_stop.cancel();
+            // Dropping a connection future is immediate; this only waits for
+            // the tasks to notice.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
+        }
         DrainReport {
             abandoned,
             elapsed: start.elapsed(),
@@ -264,15 +278,27 @@ fn http_builder(lc: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The shutdown signals every task listens to.
+#[derive(Debug, Clone)]
+pub struct Stops {
+    /// Stop accepting; finish what is in flight.
+    pub graceful: CancellationToken,
+    /// The drain deadline passed: drop everything.
+    pub hard: CancellationToken,
+    /// Tracks connection and tunnel tasks so the drain can wait for them.
+    pub tracker: TaskTracker,
+}
+
 async fn accept_loop(
     ctx: Arc<ListenerCtx>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     table: Arc<Table>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+    stops: Stops,
 ) {
+    let shutdown = stops.graceful.clone();
+    let tracker = stops.tracker.clone();
     let permits = Arc::new(Semaphore::new(ctx.config.max_connections));
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -306,7 +332,7 @@ async fn accept_loop(
             ctx: ctx.clone(),
             table: table.clone(),
             builder: builder.clone(),
-            shutdown: shutdown.clone(),
+            stops: stops.clone(),
         };
         let tls = tls.clone();
         tracker.spawn(async move {
@@ -321,7 +347,7 @@ struct Connection {
     ctx: Arc<ListenerCtx>,
     table: Arc<Table>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    shutdown: CancellationToken,
+    stops: Stops,
 }
 
 /// Keeps `cyan_connections_open` right however the task ends.
@@ -361,6 +387,7 @@ impl Connection {
             trusted_peer: lc.is_trusted(client.ip()),
             tls: tls.is_some(),
             activity: Arc::new(ConnActivity::default()),
+            stops: self.stops.clone(),
         });
         match tls {
             None => self.serve(stream, conn).await,
@@ -406,10 +433,11 @@ impl Connection {
                     }
                     break;
                 }
-                _ = self.shutdown.cancelled(), if !closing => {
+                _ = self.stops.graceful.cancelled(), if !closing => {
                     closing = true;
                     http.as_mut().graceful_shutdown();
                 }
+                _ = self.stops.hard.cancelled() => break,
                 _ = tokio::time::sleep(wait), if !closing => {
                     match activity.idle_remaining(idle) {
                         Some(rest) => wait = rest,

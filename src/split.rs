@@ -226,7 +226,10 @@ mod tests {
         let mut on_green_at_10 = 0;
         for i in 0..20_000 {
             let mut h = HeaderMap::new();
-            h.insert("x-user-id", HeaderValue::from_str(&format!("user-{i}")).unwrap());
+            h.insert(
+                "x-user-id",
+                HeaderValue::from_str(&format!("user-{i}")).unwrap(),
+            );
             let (c10, r) = p10.choose(&h, ip());
             assert_eq!(r, ColorReason::Sticky);
             let (c20, _) = p20.choose(&h, ip());
@@ -246,7 +249,9 @@ mod tests {
         let p = policy(2500, None);
         let h = HeaderMap::new();
         let n = 100_000;
-        let green = (0..n).filter(|_| p.choose(&h, ip()).0 == Color::Green).count();
+        let green = (0..n)
+            .filter(|_| p.choose(&h, ip()).0 == Color::Green)
+            .count();
         let share = green as f64 / n as f64;
         assert!((share - 0.25).abs() < 0.01, "{share}");
     }
@@ -255,17 +260,30 @@ mod tests {
     fn fixed_shares_never_draw() {
         let h = HeaderMap::new();
         for _ in 0..1000 {
-            assert_eq!(policy(0, None).choose(&h, ip()), (Color::Blue, ColorReason::Fixed));
-            assert_eq!(policy(10_000, None).choose(&h, ip()), (Color::Green, ColorReason::Fixed));
+            assert_eq!(
+                policy(0, None).choose(&h, ip()),
+                (Color::Blue, ColorReason::Fixed)
+            );
+            assert_eq!(
+                policy(10_000, None).choose(&h, ip()),
+                (Color::Green, ColorReason::Fixed)
+            );
         }
         let mut p = policy(10_000, None);
         p.stable = Color::Green;
-        assert_eq!(p.choose(&h, ip()).0, Color::Blue, "percent is always the candidate's");
+        assert_eq!(
+            p.choose(&h, ip()).0,
+            Color::Blue,
+            "percent is always the candidate's"
+        );
     }
 
     #[test]
     fn override_beats_sticky_and_needs_the_secret() {
-        let mut p = policy(0, Some(Sticky::Header(HeaderName::from_static("x-user-id"))));
+        let mut p = policy(
+            0,
+            Some(Sticky::Header(HeaderName::from_static("x-user-id"))),
+        );
         p.override_ = Some(OverrideConfig {
             header: HeaderName::from_static("x-cyan-color"),
             secret: None,
@@ -290,7 +308,10 @@ mod tests {
     fn cookie_and_client_ip_keys() {
         let mut h = HeaderMap::new();
         h.append("cookie", HeaderValue::from_static("a=1; sessionx=2"));
-        h.append("cookie", HeaderValue::from_static("other=3;  session=abc ; z=9"));
+        h.append(
+            "cookie",
+            HeaderValue::from_static("other=3;  session=abc ; z=9"),
+        );
         assert_eq!(cookie_value(&h, "session"), Some(&b"abc"[..]));
         assert_eq!(cookie_value(&h, "missing"), None);
 
@@ -300,7 +321,10 @@ mod tests {
         assert_eq!(p.choose(&h, v4).1, ColorReason::Sticky);
         assert_eq!(p.choose(&h, v4).0, p.choose(&h, mapped).0);
         // Missing header key falls back to a draw.
-        let p = policy(5000, Some(Sticky::Header(HeaderName::from_static("x-user-id"))));
+        let p = policy(
+            5000,
+            Some(Sticky::Header(HeaderName::from_static("x-user-id"))),
+        );
         assert_eq!(p.choose(&h, v4).1, ColorReason::Draw);
     }
 

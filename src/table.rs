@@ -276,7 +276,10 @@ impl RoutingTable {
                 if *candidate_bp > BUCKETS {
                     return Err(TableError::Invalid {
                         field: "candidate_percent".into(),
-                        reason: format!("{} is out of range 0..100", f64::from(*candidate_bp) / 100.0),
+                        reason: format!(
+                            "{} is out of range 0..100",
+                            f64::from(*candidate_bp) / 100.0
+                        ),
                     });
                 }
                 let changed = svc.split.candidate_bp != *candidate_bp;
@@ -577,14 +580,29 @@ green = { endpoints = ["127.0.0.1:9201"] }
     fn routing_prefers_specific_matches() {
         let t = table().load();
         let name = |l, h, p| t.route(l, h, p).map(|s| s.name.to_string());
-        assert_eq!(name(0, "api.example.com:443", "/v2/users").as_deref(), Some("api"));
+        assert_eq!(
+            name(0, "api.example.com:443", "/v2/users").as_deref(),
+            Some("api")
+        );
         assert_eq!(name(0, "API.example.com", "/v2").as_deref(), Some("api"));
-        assert_eq!(name(0, "eu.api.example.com", "/v2?x=1").as_deref(), Some("api"));
-        assert_eq!(name(0, "api.example.com", "/v2x").as_deref(), Some("gateway"));
+        assert_eq!(
+            name(0, "eu.api.example.com", "/v2?x=1").as_deref(),
+            Some("api")
+        );
+        assert_eq!(
+            name(0, "api.example.com", "/v2x").as_deref(),
+            Some("gateway")
+        );
         assert_eq!(name(0, "other.example", "/v2").as_deref(), Some("gateway"));
         // Listener scoping.
-        assert_eq!(name(0, "admin.example.com", "/").as_deref(), Some("gateway"));
-        assert_eq!(name(1, "admin.example.com", "/").as_deref(), Some("admin-only"));
+        assert_eq!(
+            name(0, "admin.example.com", "/").as_deref(),
+            Some("gateway")
+        );
+        assert_eq!(
+            name(1, "admin.example.com", "/").as_deref(),
+            Some("admin-only")
+        );
         assert!(t.route(7, "x", "/").is_none());
     }
 
@@ -603,9 +621,18 @@ green = { endpoints = ["127.0.0.1:9201"] }
             service: "gateway".into(),
             candidate_bp: bp,
         };
-        assert_eq!(t.apply(split(1000).into()), Ok(Applied::NoChange { generation: 1 }));
-        assert_eq!(t.apply(split(2500).into()), Ok(Applied::Changed { generation: 2 }));
-        assert_eq!(t.load().service("gateway").unwrap().split.candidate_bp, 2500);
+        assert_eq!(
+            t.apply(split(1000).into()),
+            Ok(Applied::NoChange { generation: 1 })
+        );
+        assert_eq!(
+            t.apply(split(2500).into()),
+            Ok(Applied::Changed { generation: 2 })
+        );
+        assert_eq!(
+            t.load().service("gateway").unwrap().split.candidate_bp,
+            2500
+        );
         // Stale generation changes nothing.
         let stale = Change {
             command: split(5000),
@@ -613,18 +640,32 @@ green = { endpoints = ["127.0.0.1:9201"] }
         };
         assert_eq!(
             t.apply(stale),
-            Err(TableError::StaleGeneration { expected: 1, current: 2 })
+            Err(TableError::StaleGeneration {
+                expected: 1,
+                current: 2
+            })
         );
-        assert_eq!(t.load().service("gateway").unwrap().split.candidate_bp, 2500);
+        assert_eq!(
+            t.load().service("gateway").unwrap().split.candidate_bp,
+            2500
+        );
         let fresh = Change {
             command: split(5000),
             if_generation: Some(2),
         };
         assert_eq!(t.apply(fresh), Ok(Applied::Changed { generation: 3 }));
         // Invalid and unknown: nothing changes.
-        assert!(matches!(t.apply(split(10_001).into()), Err(TableError::Invalid { .. })));
+        assert!(matches!(
+            t.apply(split(10_001).into()),
+            Err(TableError::Invalid { .. })
+        ));
         assert_eq!(
-            t.apply(Command::Rollback { service: "nope".into() }.into()),
+            t.apply(
+                Command::Rollback {
+                    service: "nope".into()
+                }
+                .into()
+            ),
             Err(TableError::UnknownService("nope".into()))
         );
         assert_eq!(t.load().generation, 3);
@@ -634,7 +675,13 @@ green = { endpoints = ["127.0.0.1:9201"] }
     fn promote_and_rollback() {
         let t = table();
         let svc = || t.load().service("gateway").unwrap().split.clone();
-        t.apply(Command::Promote { service: "gateway".into() }.into()).unwrap();
+        t.apply(
+            Command::Promote {
+                service: "gateway".into(),
+            }
+            .into(),
+        )
+        .unwrap();
         assert_eq!((svc().stable, svc().candidate_bp), (Color::Green, 0));
         t.apply(
             Command::SetSplit {
@@ -644,11 +691,26 @@ green = { endpoints = ["127.0.0.1:9201"] }
             .into(),
         )
         .unwrap();
-        assert_eq!(svc().candidate(), Color::Blue, "the next upgrade ramps blue");
-        t.apply(Command::Rollback { service: "gateway".into() }.into()).unwrap();
+        assert_eq!(
+            svc().candidate(),
+            Color::Blue,
+            "the next upgrade ramps blue"
+        );
+        t.apply(
+            Command::Rollback {
+                service: "gateway".into(),
+            }
+            .into(),
+        )
+        .unwrap();
         assert_eq!((svc().stable, svc().candidate_bp), (Color::Green, 0));
         assert_eq!(
-            t.apply(Command::Rollback { service: "gateway".into() }.into()),
+            t.apply(
+                Command::Rollback {
+                    service: "gateway".into()
+                }
+                .into()
+            ),
             Ok(Applied::NoChange { generation: 4 })
         );
     }
@@ -675,7 +737,10 @@ green = { endpoints = ["127.0.0.1:9201"] }
         }
         // The old snapshot is untouched, and both share the live upstream.
         assert_eq!(pool(&before).eligible, vec![0, 1]);
-        assert!(Arc::ptr_eq(&pool(&before).endpoints[0].upstream, &pool(&after).endpoints[0].upstream));
+        assert!(Arc::ptr_eq(
+            &pool(&before).endpoints[0].upstream,
+            &pool(&after).endpoints[0].upstream
+        ));
         let b: SocketAddr = "127.0.0.1:8002".parse().unwrap();
         t.apply(
             Command::SetHealth {

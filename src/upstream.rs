@@ -51,7 +51,10 @@ pub enum UpstreamError {
     #[error("{addr} sent no response head within {after:?}")]
     ResponseTimeout { addr: SocketAddr, after: Duration },
     #[error("exchange with {addr} failed: {source}")]
-    Exchange { addr: SocketAddr, source: hyper::Error },
+    Exchange {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
 }
 
 impl UpstreamError {
@@ -301,7 +304,9 @@ impl Upstream {
                 }
                 Sender::H2(mut tx) => {
                     let fut = tx.try_send_request(req);
-                    self.await_head(fut, body_sent).await.map(|resp| (resp, None))
+                    self.await_head(fut, body_sent)
+                        .await
+                        .map(|resp| (resp, None))
                 }
             };
             match result {
@@ -353,7 +358,10 @@ impl Upstream {
     async fn await_head(
         &self,
         fut: impl std::future::Future<
-            Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ReqBody>>>,
+            Output = Result<
+                Response<Incoming>,
+                hyper::client::conn::TrySendError<Request<ReqBody>>,
+            >,
         >,
         body_sent: Option<&BodySent>,
     ) -> Result<Response<Incoming>, Attempt> {

@@ -1,0 +1,573 @@
+//! End-to-end scenarios of the request path: split, stickiness, override,
+//! live table swaps, retries, error mapping, forwarding headers, drain.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cyan::config::Color;
+use cyan::table::{Applied, Command};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_follows_the_configured_share() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let cfg = config(&service_config(20.0, ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    let n = 3000;
+    let mut green = 0;
+    for _ in 0..n {
+        let (status, _, body) = get(&client, proxy, "/", &[]).await;
+        assert_eq!(status, 200);
+        if color_of(&body) == "green" {
+            green += 1;
+        }
+    }
+    let share = green as f64 / n as f64;
+    // 20 % ± 3 points: over 5 standard deviations for n = 3000.
+    assert!((share - 0.20).abs() < 0.03, "green share {share}");
+    assert_eq!(b.hits() + g.hits(), n);
+    assert_eq!(
+        metric(&server, "cyan_requests_total", &["color=\"green\"", "2xx"]),
+        green as f64
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_and_hundred_percent_are_exact() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let cfg = config(&service_config(0.0, ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    for _ in 0..300 {
+        get(&client, proxy, "/", &[]).await;
+    }
+    assert_eq!(g.hits(), 0, "a 0 % side gets nothing");
+    server
+        .table
+        .apply(
+            Command::SetSplit {
+                service: "gateway".into(),
+                candidate_bp: 10_000,
+            }
+            .into(),
+        )
+        .unwrap();
+    let before = b.hits();
+    for _ in 0..300 {
+        get(&client, proxy, "/", &[]).await;
+    }
+    assert_eq!(
+        b.hits(),
+        before,
+        "a 100 % candidate leaves the stable side empty"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_users_only_move_forward() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let cfg = config(
+        &service_config(10.0, "sticky = { header = \"x-user-id\" }"),
+        &[&b],
+        &[&g],
+    );
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    let users: Vec<String> = (0..400).map(|i| format!("user-{i}")).collect();
+    let mut at10 = HashMap::new();
+    for u in &users {
+        let (_, _, body) = get(&client, proxy, "/", &[("x-user-id", u)]).await;
+        at10.insert(u.clone(), color_of(&body).to_string());
+        // Asking again gives the same answer.
+        let (_, _, again) = get(&client, proxy, "/", &[("x-user-id", u)]).await;
+        assert_eq!(color_of(&again), at10[u], "{u} flipped at a fixed share");
+    }
+    let green10 = at10.values().filter(|c| *c == "green").count();
+    assert!(
+        (20..=65).contains(&green10),
+        "{green10} of 400 on green at 10 %"
+    );
+    server
+        .table
+        .apply(
+            Command::SetSplit {
+                service: "gateway".into(),
+                candidate_bp: 2000,
+            }
+            .into(),
+        )
+        .unwrap();
+    let mut green20 = 0;
+    for u in &users {
+        let (_, _, body) = get(&client, proxy, "/", &[("x-user-id", u)]).await;
+        let c = color_of(&body);
+        if at10[u] == "green" {
+            assert_eq!(c, "green", "{u} left green when the share grew");
+        }
+        green20 += (c == "green") as usize;
+    }
+    assert!(green20 > green10);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn override_header_beats_stickiness() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let extra = "sticky = { header = \"x-user-id\" }\noverride_header = \"x-cyan-color\"\noverride_secret = \"s3cret\"\ncolor_header = \"x-served-by\"";
+    let cfg = config(&service_config(0.0, extra), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    let (_, h, body) = get(
+        &client,
+        proxy,
+        "/",
+        &[("x-user-id", "u1"), ("x-cyan-color", "green:s3cret")],
+    )
+    .await;
+    assert_eq!(color_of(&body), "green");
+    assert_eq!(h.get("x-served-by").unwrap(), "green");
+    // The secret never reaches the backend.
+    let (_, _, echoed) = get(
+        &client,
+        proxy,
+        "/echo-headers",
+        &[("x-cyan-color", "green:s3cret")],
+    )
+    .await;
+    assert!(!echoed.contains("s3cret"), "{echoed}");
+    // Wrong secret or unknown color: the split decides (0 % → blue).
+    for v in ["green:nope", "green", "purple:s3cret"] {
+        let (_, _, body) = get(
+            &client,
+            proxy,
+            "/",
+            &[("x-user-id", "u1"), ("x-cyan-color", v)],
+        )
+        .await;
+        assert_eq!(color_of(&body), "blue", "override {v:?} must not apply");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_with_requests_in_flight_loses_nothing() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let cfg = config(&service_config(0.0, ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    // 40 slow requests start on the all-blue table...
+    let mut slow = Vec::new();
+    for _ in 0..40 {
+        let client = client.clone();
+        slow.push(tokio::spawn(async move {
+            get(&client, proxy, "/delay/400", &[]).await
+        }));
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || b
+            .in_flight
+            .load(Ordering::SeqCst)
+            == 40)
+        .await
+    );
+    // ...then traffic moves entirely to green, and back and forth.
+    for bp in [10_000u16, 0, 10_000] {
+        server
+            .table
+            .apply(
+                Command::SetSplit {
+                    service: "gateway".into(),
+                    candidate_bp: bp,
+                }
+                .into(),
+            )
+            .unwrap();
+    }
+    for r in slow {
+        let (status, _, body) = r.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(color_of(&body), "blue", "finished where it started");
+    }
+    let (_, _, body) = get(&client, proxy, "/", &[]).await;
+    assert_eq!(
+        color_of(&body),
+        "green",
+        "new requests follow the new table"
+    );
+    assert_eq!(server.table.load().generation, 4);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_swaps_under_load_fail_no_request() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let cfg = config(&service_config(50.0, ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let table = server.table.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                let bp = (n * 37 % 10_001) as u16;
+                let _ = table.apply(
+                    Command::SetSplit {
+                        service: "gateway".into(),
+                        candidate_bp: bp,
+                    }
+                    .into(),
+                );
+                n += 1;
+                tokio::task::yield_now().await;
+            }
+            n
+        })
+    };
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let client = h1_client();
+        workers.push(tokio::spawn(async move {
+            let mut ok = 0;
+            for i in 0..150 {
+                let payload = format!("payload-{i}-").repeat(50);
+                let req = http::Request::post(format!("http://{proxy}/upload"))
+                    .header(DIGEST, digest_hex(payload.as_bytes()))
+                    .body(full(payload))
+                    .unwrap();
+                let resp = client.request(req).await.expect("request");
+                assert_eq!(resp.status(), 200);
+                ok += 1;
+            }
+            ok
+        }));
+    }
+    let mut total = 0;
+    for w in workers {
+        total += w.await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let swaps = writer.await.unwrap();
+    assert_eq!(total, 1200);
+    assert!(swaps > 100, "only {swaps} swaps happened");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failure_is_retried_on_another_endpoint() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let dead = dead_addr().await;
+    // Blue has a dead endpoint beside a live one.
+    let template = service_config(0.0, "").replace("[{blue}]", &format!("[\"{dead}\", {{blue}}]"));
+    let cfg = config(&template, &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    for _ in 0..100 {
+        let (status, _, body) = get(&client, proxy, "/", &[]).await;
+        assert_eq!(status, 200);
+        assert_eq!(color_of(&body), "blue", "same color first");
+    }
+    let retries = metric(&server, "cyan_retries_total", &["color=\"blue\""]);
+    assert!(retries > 0.0, "some requests hit the dead endpoint first");
+    assert_eq!(
+        metric(&server, "cyan_upstream_errors_total", &["kind=\"connect\""]),
+        retries
+    );
+    server.shutdown().await;
+
+    // A pool with only a dead endpoint: the retry goes to the other color.
+    let template = service_config(0.0, "").replace("[{blue}]", &format!("[\"{dead}\"]"));
+    let cfg = config(&template, &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let (status, _, body) = get(&client, proxy, "/", &[]).await;
+    assert_eq!((status.as_u16(), color_of(&body)), (200, "green"));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_are_not_retried_after_bytes_went_upstream() {
+    let b = Backend::start("blue").await;
+    let g = Backend::start("green").await;
+    let cfg = config(&service_config(0.0, ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    // The backend resets mid-response: the request was sent, so no retry,
+    // and the client sees an aborted body, not a shorter complete one.
+    let resp = client
+        .request(
+            http::Request::get(format!("http://{proxy}/half/100000"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+    assert!(body.is_err(), "a truncated body must not look complete");
+    assert_eq!(b.hits(), 1);
+    assert_eq!(g.hits(), 0);
+    assert_eq!(metric(&server, "cyan_retries_total", &[]), 0.0);
+    assert!(
+        eventually(Duration::from_secs(2), || metric(
+            &server,
+            "cyan_upstream_errors_total",
+            &["kind=\"reset\""]
+        ) == 1.0)
+        .await
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_trouble_maps_to_502_503_504() {
+    let dead = dead_addr().await;
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    // Both pools dead → 502 after the one retry.
+    let template = service_config(0.0, "")
+        .replace("[{blue}]", &format!("[\"{dead}\"]"))
+        .replace("[{green}]", &format!("[\"{dead}\"]"));
+    let cfg = config(&template, &[], &[]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    let (status, _, body) = get(&client, proxy, "/", &[]).await;
+    assert_eq!(status, 502, "{body}");
+    server.shutdown().await;
+
+    // Response head too slow → 504.
+    let extra = "upstream = { response_timeout = \"200ms\" }";
+    let template = service_config(0.0, extra);
+    let cfg = config(&template, &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let started = std::time::Instant::now();
+    let (status, _, _) = get(&client, proxy, "/delay/3000", &[]).await;
+    assert_eq!(status, 504);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        metric(&server, "cyan_upstream_errors_total", &["kind=\"timeout\""]),
+        1.0
+    );
+
+    // Every endpoint drained → 503 with Retry-After, no hang.
+    server
+        .table
+        .apply(
+            Command::SetDrained {
+                service: "gateway".into(),
+                addr: b.addr,
+                drained: true,
+            }
+            .into(),
+        )
+        .unwrap();
+    let (status, h, _) = get(&client, proxy, "/", &[]).await;
+    assert_eq!(status, 503);
+    assert_eq!(h.get("retry-after").unwrap(), "1");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_host_gets_404() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let template = service_config(0.0, "hosts = [\"api.example.com\"]\npath_prefix = \"/v1\"");
+    let cfg = config(&template, &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    let (status, _, _) = get(&client, proxy, "/v1/x", &[("host", "api.example.com")]).await;
+    assert_eq!(status, 200);
+    let (status, _, body) = get(&client, proxy, "/v1/x", &[("host", "other.example.com")]).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _, _) = get(&client, proxy, "/v2", &[("host", "api.example.com")]).await;
+    assert_eq!(status, 404);
+    assert_eq!(b.hits() + g.hits(), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_and_hop_by_hop_stripping() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let cfg = config(
+        &service_config(0.0, "color_header = \"x-cyan-color\""),
+        &[&b],
+        &[&g],
+    );
+    let (server, proxy) = start_proxy(&cfg).await;
+    let req = "GET /echo-headers HTTP/1.1\r\nHost: shop.example:8080\r\nConnection: keep-alive, x-private\r\nx-private: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers, gzip\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nX-Request-Id: req-42\r\nX-Keep: yes\r\nConnection: close\r\n\r\n";
+    let out = raw_exchange(proxy, req.as_bytes(), Duration::from_secs(3)).await;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let body = body.to_ascii_lowercase();
+    // The client (127.0.0.1) is not a trusted proxy: its XFF is replaced.
+    assert!(body.contains("x-forwarded-for: 127.0.0.1\n"), "{body}");
+    assert!(body.contains("x-forwarded-proto: http\n"), "{body}");
+    assert!(
+        body.contains("x-forwarded-host: shop.example:8080\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("host: shop.example:8080\n"),
+        "Host is kept: {body}"
+    );
+    assert!(body.contains("x-request-id: req-42\n"), "{body}");
+    assert!(body.contains("te: trailers\n"), "{body}");
+    assert!(body.contains("x-keep: yes\n"));
+    for gone in [
+        "x-private",
+        "keep-alive:",
+        "proxy-connection",
+        "connection:",
+        "1.2.3.4",
+    ] {
+        assert!(!body.contains(gone), "{gone} reached the backend: {body}");
+    }
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("x-cyan-color: blue"), "{head}");
+    assert!(head.contains("x-request-id: req-42"), "{head}");
+    // Without an incoming id, one is generated and returned.
+    let client = h1_client();
+    let (_, h, body) = get(&client, proxy, "/echo-headers", &[]).await;
+    let id = h.get("x-request-id").unwrap().to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32);
+    assert!(body.contains(&format!("x-request-id: {id}")));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_requests_in_flight() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let cfg = config(&service_config(0.0, ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let mut slow = Vec::new();
+    for _ in 0..30 {
+        let client = h1_client();
+        slow.push(tokio::spawn(async move {
+            get(&client, proxy, "/delay/500", &[]).await
+        }));
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || b
+            .in_flight
+            .load(Ordering::SeqCst)
+            == 30)
+        .await
+    );
+    let report = server.shutdown().await;
+    assert_eq!(report.abandoned, 0);
+    for r in slow {
+        let (status, h, _) = r.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(
+            h.get("connection").map(|v| v.to_str().unwrap()),
+            Some("close")
+        );
+    }
+    // The listener is closed: new connections are refused.
+    assert!(tokio::net::TcpStream::connect(proxy).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_drain_deadline_resets_the_rest() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let template =
+        service_config(0.0, "").replace("drain_timeout = \"5s\"", "drain_timeout = \"300ms\"");
+    let cfg = config(&template, &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let mut slow = Vec::new();
+    for _ in 0..5 {
+        let client = h1_client();
+        slow.push(tokio::spawn(async move {
+            let req = http::Request::get(format!("http://{proxy}/delay/5000"))
+                .body(empty())
+                .unwrap();
+            client.request(req).await.map(|r| r.status())
+        }));
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || b
+            .in_flight
+            .load(Ordering::SeqCst)
+            == 5)
+        .await
+    );
+    let report = server.shutdown().await;
+    assert_eq!(report.abandoned, 5);
+    assert!(report.elapsed < Duration::from_secs(2));
+    for r in slow {
+        let r = tokio::time::timeout(Duration::from_secs(3), r)
+            .await
+            .expect("no hang")
+            .unwrap();
+        assert!(r.is_err(), "an abandoned request is reset, not answered");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_spreads_over_the_pool() {
+    let blues = [
+        Backend::start("blue").await,
+        Backend::start("blue").await,
+        Backend::start("blue").await,
+    ];
+    let g = Backend::start("green").await;
+    let cfg = config(
+        &service_config(0.0, ""),
+        &[&blues[0], &blues[1], &blues[2]],
+        &[&g],
+    );
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    for _ in 0..600 {
+        get(&client, proxy, "/", &[]).await;
+    }
+    for b in &blues {
+        assert!(
+            b.hits() > 100,
+            "uneven spread: {:?}",
+            blues.iter().map(|b| b.hits()).collect::<Vec<_>>()
+        );
+    }
+    // A drained endpoint gets nothing new.
+    server
+        .table
+        .apply(
+            Command::SetDrained {
+                service: "gateway".into(),
+                addr: blues[0].addr,
+                drained: true,
+            }
+            .into(),
+        )
+        .unwrap();
+    let before = blues[0].hits();
+    for _ in 0..200 {
+        get(&client, proxy, "/", &[]).await;
+    }
+    assert_eq!(blues[0].hits(), before);
+    let t = server.table.load();
+    assert_eq!(
+        t.service("gateway")
+            .unwrap()
+            .pool(Color::Blue)
+            .eligible
+            .len(),
+        2
+    );
+    assert!(matches!(
+        server.table.apply(
+            Command::SetDrained {
+                service: "gateway".into(),
+                addr: blues[0].addr,
+                drained: true
+            }
+            .into()
+        ),
+        Ok(Applied::NoChange { .. })
+    ));
+    server.shutdown().await;
+}

@@ -1,0 +1,500 @@
+//! Shared helpers for end-to-end tests: in-process blue/green backends on
+//! port 0, a proxy started from a config template, HTTP clients, and an
+//! `eventually` helper. No fixed ports, nothing outside the process.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use xxhash_rust::xxh3::Xxh3;
+
+use cyan::config::Config;
+use cyan::server::Server;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Header carrying the XXH3-64 digest (hex) of a request body; the backend
+/// answers 422 when the body it received does not match.
+pub const DIGEST: &str = "x-body-digest";
+
+pub fn digest_hex(data: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(data))
+}
+
+/// A test backend. Routes by path:
+///
+/// | path | answer |
+/// | --- | --- |
+/// | `/echo-headers` | the request head as `name: value` lines |
+/// | `/upload` | streams the body through XXH3; 422 if `x-body-digest` differs; body `"<digest> <len>"` |
+/// | `/delay/<ms>` | waits, then 200 |
+/// | `/status/<code>` | that status |
+/// | `/trailers` | body `"ok"` + trailers `grpc-status: 0`, `x-request-trailer` echoing the request's |
+/// | `/big/<n>` | `n` bytes, streamed in 64 KiB chunks |
+/// | `/ws` | WebSocket echo (HTTP/1.1 upgrade) |
+/// | `/half/<n>` | promises `n` bytes, sends half, then resets the connection |
+/// | anything else | `"<color> <addr>"` |
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub color: &'static str,
+    pub hits: Arc<AtomicUsize>,
+    /// When non-zero, every request is answered with this status.
+    pub force_status: Arc<AtomicU16>,
+    /// Requests currently being handled.
+    pub in_flight: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl Backend {
+    pub async fn start(color: &'static str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        Backend::serve(color, listener)
+    }
+
+    pub fn serve(color: &'static str, listener: TcpListener) -> Backend {
+        let addr = listener.local_addr().expect("local addr");
+        let b = Backend {
+            addr,
+            color,
+            hits: Arc::new(AtomicUsize::new(0)),
+            force_status: Arc::new(AtomicU16::new(0)),
+            in_flight: Arc::new(AtomicU64::new(0)),
+            stop: CancellationToken::new(),
+        };
+        let me = b.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(p) => p, Err(_) => continue },
+                    _ = me.stop.cancelled() => break,
+                };
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let stop = me.stop.clone();
+                    let svc = service_fn(move |req| {
+                        let me = me.clone();
+                        async move { Ok::<_, Infallible>(me.handle(req).await) }
+                    });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        b
+    }
+
+    /// Stops accepting and drops open connections.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<BoxBody> {
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let resp = self.route(&mut req).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        resp
+    }
+
+    async fn route(&self, req: &mut Request<Incoming>) -> Response<BoxBody> {
+        let forced = self.force_status.load(Ordering::SeqCst);
+        if forced != 0 {
+            return text(forced, format!("{} forced {forced}\n", self.color));
+        }
+        let path = req.uri().path().to_string();
+        if path == "/echo-headers" {
+            let mut out = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
+            for (k, v) in req.headers() {
+                out.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("<bin>")));
+            }
+            return text(200, out);
+        }
+        if path == "/upload" {
+            let expected = req
+                .headers()
+                .get(DIGEST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let mut h = Xxh3::new();
+            let mut len = 0u64;
+            let body = req.body_mut();
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            h.update(d);
+                            len += d.len() as u64;
+                        }
+                    }
+                    Err(e) => return text(400, format!("body error: {e}\n")),
+                }
+            }
+            let got = format!("{:016x}", h.digest());
+            if expected.is_some_and(|e| e != got) {
+                return text(422, format!("digest mismatch: got {got}\n"));
+            }
+            return text(200, format!("{got} {len}"));
+        }
+        if let Some(ms) = path.strip_prefix("/delay/") {
+            let ms: u64 = ms.parse().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            return text(200, format!("{} {} delayed {ms}\n", self.color, self.addr));
+        }
+        if let Some(code) = path.strip_prefix("/status/") {
+            return text(
+                code.parse().unwrap_or(500),
+                format!("{} status\n", self.color),
+            );
+        }
+        if path == "/trailers" {
+            let mut request_trailer = String::new();
+            let body = req.body_mut();
+            while let Some(Ok(f)) = body.frame().await {
+                if let Some(t) = f.trailers_ref() {
+                    if let Some(v) = t.get("x-request-trailer") {
+                        request_trailer = v.to_str().unwrap_or("").to_string();
+                    }
+                }
+            }
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            trailers.insert(
+                "x-request-trailer",
+                HeaderValue::from_str(&request_trailer).unwrap_or(HeaderValue::from_static("")),
+            );
+            let frames = vec![
+                Frame::data(Bytes::from_static(b"ok")),
+                Frame::trailers(trailers),
+            ];
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(
+                frames.into_iter().map(Ok::<_, BoxError>),
+            ));
+            let mut resp = Response::new(BodyExt::boxed(body));
+            resp.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/grpc"));
+            return resp;
+        }
+        if let Some(n) = path.strip_prefix("/big/") {
+            let n: u64 = n.parse().unwrap_or(0);
+            return Response::new(BodyExt::boxed(Generated::new(n)));
+        }
+        if let Some(n) = path.strip_prefix("/half/") {
+            let n: u64 = n.parse().unwrap_or(1024);
+            let body = HalfThenFail {
+                sent: false,
+                len: n / 2,
+                pause: Box::pin(tokio::time::sleep(Duration::from_millis(50))),
+            };
+            let mut resp = Response::new(BodyExt::boxed(body));
+            resp.headers_mut().insert(
+                "content-length",
+                HeaderValue::from_str(&n.to_string()).unwrap(),
+            );
+            return resp;
+        }
+        if path == "/ws" {
+            return websocket_echo(req);
+        }
+        text(200, format!("{} {}\n", self.color, self.addr))
+    }
+}
+
+fn text(status: u16, body: String) -> Response<BoxBody> {
+    let mut resp = Response::new(BodyExt::boxed(
+        Full::new(Bytes::from(body)).map_err(|e: Infallible| -> BoxError { match e {} }),
+    ));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp
+}
+
+fn websocket_echo(req: &mut Request<Incoming>) -> Response<BoxBody> {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let Some(key) = req.headers().get("sec-websocket-key") else {
+        return text(400, "not a websocket request\n".into());
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        use futures_util::{SinkExt, StreamExt};
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() {
+                break;
+            }
+            if ws.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut resp = text(101, String::new());
+    let h = resp.headers_mut();
+    h.insert("upgrade", HeaderValue::from_static("websocket"));
+    h.insert("connection", HeaderValue::from_static("upgrade"));
+    h.insert(
+        "sec-websocket-accept",
+        HeaderValue::from_str(&accept).unwrap(),
+    );
+    *resp.body_mut() =
+        BodyExt::boxed(Empty::new().map_err(|e: Infallible| -> BoxError { match e {} }));
+    resp
+}
+
+/// A body of `n` deterministic bytes produced on the fly (flat memory).
+pub struct Generated {
+    left: u64,
+    offset: u64,
+}
+
+impl Generated {
+    pub fn new(n: u64) -> Generated {
+        Generated { left: n, offset: 0 }
+    }
+
+    /// The byte at a position: cheap and not constant, so a shifted or
+    /// dropped chunk changes the digest.
+    pub fn byte(i: u64) -> u8 {
+        (i.wrapping_mul(2_654_435_761) >> 13) as u8
+    }
+
+    /// The digest of the whole stream, computed without holding it.
+    pub fn digest(n: u64) -> String {
+        let mut h = Xxh3::new();
+        let mut g = Generated::new(n);
+        while let Some(c) = g.next_chunk() {
+            h.update(&c);
+        }
+        format!("{:016x}", h.digest())
+    }
+
+    fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.left == 0 {
+            return None;
+        }
+        let n = self.left.min(64 * 1024);
+        let chunk: Vec<u8> = (self.offset..self.offset + n)
+            .map(Generated::byte)
+            .collect();
+        self.left -= n;
+        self.offset += n;
+        Some(Bytes::from(chunk))
+    }
+}
+
+impl Body for Generated {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.next_chunk().map(|c| Ok(Frame::data(c))))
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// Sends half of a promised body, then (after a pause, so the head and the
+/// first half are surely on the wire) fails: the connection is reset.
+struct HalfThenFail {
+    sent: bool,
+    len: u64,
+    pause: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Body for HalfThenFail {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.sent {
+            self.sent = true;
+            let len = self.len as usize;
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; len])))));
+        }
+        match self.pause.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Some(Err("backend gave up mid-body".into()))),
+        }
+    }
+}
+
+/// Fills a config template: `{blue}` / `{green}` become endpoint lists.
+pub fn config(template: &str, blue: &[&Backend], green: &[&Backend]) -> Config {
+    let list = |b: &[&Backend]| {
+        b.iter()
+            .map(|b| format!("\"{}\"", b.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let text = template
+        .replace("{blue}", &list(blue))
+        .replace("{green}", &list(green));
+    Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
+}
+
+/// The usual single-service config; `extra` is appended to the service.
+pub fn service_config(percent: f64, extra: &str) -> String {
+    format!(
+        r#"
+[runtime]
+drain_timeout = "5s"
+
+[[listener]]
+name = "public"
+listen = "127.0.0.1:0"
+trusted_proxies = ["10.0.0.0/8"]
+
+[[service]]
+name = "gateway"
+candidate_percent = {percent}
+{extra}
+blue  = {{ endpoints = [{{blue}}] }}
+green = {{ endpoints = [{{green}}] }}
+"#
+    )
+}
+
+pub async fn start_proxy(cfg: &Config) -> (Server, SocketAddr) {
+    let server = Server::start(cfg).await.expect("proxy starts");
+    let addr = server.local_addr("public").expect("public listener");
+    (server, addr)
+}
+
+/// A pooled HTTP/1.1 client.
+pub fn h1_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, BoxBody> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2c_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, BoxBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub fn empty() -> BoxBody {
+    BodyExt::boxed(Empty::new().map_err(|e: Infallible| -> BoxError { match e {} }))
+}
+
+pub fn full(data: impl Into<Bytes>) -> BoxBody {
+    BodyExt::boxed(Full::new(data.into()).map_err(|e: Infallible| -> BoxError { match e {} }))
+}
+
+/// GET `path` on the proxy with extra headers; returns status, headers, body.
+pub async fn get(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, BoxBody>,
+    proxy: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, String) {
+    let mut b = Request::get(format!("http://{proxy}{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = client
+        .request(b.body(empty()).unwrap())
+        .await
+        .expect("request reaches the proxy");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+/// The color in a default backend answer.
+pub fn color_of(body: &str) -> &str {
+    body.split(' ').next().unwrap_or("")
+}
+
+/// Sends raw bytes on a fresh connection and returns everything the proxy
+/// writes back before closing (or until `wait` passes).
+pub async fn raw_exchange(proxy: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Polls `check` until it is true or `within` passes.
+pub async fn eventually<F: FnMut() -> bool>(within: Duration, mut check: F) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An address with nothing listening (bound once, then released).
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a
+}
+
+/// A metric's value from the proxy's registry (sum over series whose labels
+/// contain every `label="value"` given).
+pub fn metric(server: &Server, name: &str, labels: &[&str]) -> f64 {
+    server
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
