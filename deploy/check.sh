@@ -12,7 +12,7 @@
 # kubernetes-client is too old for this kustomization); without it each YAML
 # file is parsed and checked on its own.
 #
-# Prints one line per check and ends with "deploy checks: N passed, M failed";
+# Prints one line per check and ends with "deploy-checks: N passed, M failed";
 # exits non-zero when any check failed.
 set -euo pipefail
 
@@ -443,5 +443,5 @@ readme_check() {
 }
 check "README.md covers systemd, docker, k8s, prometheus, grafana" readme_check
 
-echo "deploy checks: $PASSED passed, $FAILED failed"
+echo "deploy-checks: $PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]

@@ -77,6 +77,45 @@ struct RawConfig {
     listeners: Vec<RawListener>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+    admin: Option<RawAdmin>,
+    state: Option<RawState>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    socket: Option<PathBuf>,
+    allowed_uids: Option<Vec<u32>>,
+    listen: Option<String>,
+    #[serde(default)]
+    allow_remote: bool,
+    #[serde(default)]
+    tokens: Vec<RawToken>,
+    max_connections: Option<usize>,
+    max_body_bytes: Option<usize>,
+    request_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: String,
+    role: Role,
+    sha256: Option<String>,
+    file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,6 +230,44 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub listeners: Vec<ListenerConfig>,
     pub services: Vec<ServiceConfig>,
+    /// `[admin]`; `None` = no admin API.
+    pub admin: Option<AdminConfig>,
+    /// `[state] dir`; `None` = nothing persisted, no audit file.
+    pub state_dir: Option<PathBuf>,
+    /// `[metrics] listen`; `None` = no metrics/health listener.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// An admin role: `read` sees, `operate` also changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Read,
+    Operate,
+}
+
+/// A bearer token for the TCP admin listener, stored hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    pub name: String,
+    pub role: Role,
+    /// SHA-256 of the token.
+    pub sha256: [u8; 32],
+}
+
+/// `[admin]`: the operator API.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Unix socket path (mode 0600).
+    pub socket: Option<PathBuf>,
+    /// Peer uids allowed on the socket; empty = the proxy's own uid and root.
+    pub allowed_uids: Vec<u32>,
+    /// Optional TCP listener (bearer tokens).
+    pub listen: Option<SocketAddr>,
+    pub tokens: Vec<AdminToken>,
+    pub max_connections: usize,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
 }
 
 /// `[runtime]`: process-wide settings.
@@ -609,11 +686,34 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         }
     }
 
+    let admin = raw.admin.map(|a| validate_admin(a, base, &mut p));
+    if let Some(Some(a)) = &admin {
+        if a.socket.is_none() && a.listen.is_none() {
+            p.push("admin", "set socket = \"...\" and/or listen = \"IP:PORT\"");
+        }
+    }
+    let metrics_listen = raw
+        .metrics
+        .and_then(|m| match m.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                p.push(
+                    "metrics.listen",
+                    format!("`{}` is not an IP:PORT address", m.listen),
+                );
+                None
+            }
+        });
+    let state_dir = raw.state.map(|s| resolve(base, s.dir));
+
     if p.0.is_empty() {
         Ok(Config {
             runtime,
             listeners,
             services,
+            admin: admin.flatten(),
+            state_dir,
+            metrics_listen,
         })
     } else {
         Err(ConfigError {
@@ -621,6 +721,129 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             problems: p.0,
         })
     }
+}
+
+fn validate_admin(a: RawAdmin, base: &Path, p: &mut Problems) -> Option<AdminConfig> {
+    let listen = a.listen.as_deref().and_then(|l| match l.parse::<SocketAddr>() {
+        Ok(addr) => {
+            if !addr.ip().is_loopback() && !a.allow_remote {
+                p.push(
+                    "admin.listen",
+                    format!("{addr} is not a loopback address; set allow_remote = true to expose the admin API"),
+                );
+            }
+            Some(addr)
+        }
+        Err(_) => {
+            p.push("admin.listen", format!("`{l}` is not an IP:PORT address"));
+            None
+        }
+    });
+    if listen.is_some() && a.tokens.is_empty() {
+        p.push(
+            "admin.tokens",
+            "the TCP admin listener needs at least one token",
+        );
+    }
+    let mut tokens = Vec::new();
+    for (i, t) in a.tokens.into_iter().enumerate() {
+        let key = format!("admin.tokens[{i}]");
+        if t.name.is_empty() {
+            p.push(format!("{key}.name"), "must not be empty");
+        }
+        if tokens.iter().any(|o: &AdminToken| o.name == t.name) {
+            p.push(
+                format!("{key}.name"),
+                format!("duplicate token name `{}`", t.name),
+            );
+        }
+        let hash = match (t.sha256, t.file) {
+            (Some(hex), None) => match parse_sha256_hex(&hex) {
+                Some(h) => Some(h),
+                None => {
+                    p.push(
+                        format!("{key}.sha256"),
+                        "must be 64 hex characters (sha256sum of the token)",
+                    );
+                    None
+                }
+            },
+            (None, Some(file)) => {
+                let file = resolve(base, file);
+                match std::fs::read_to_string(&file) {
+                    Ok(tok) if !tok.trim().is_empty() => Some(sha256(tok.trim().as_bytes())),
+                    Ok(_) => {
+                        p.push(
+                            format!("{key}.file"),
+                            format!("{} is empty", file.display()),
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        p.push(
+                            format!("{key}.file"),
+                            format!("cannot read {}: {e}", file.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            _ => {
+                p.push(
+                    key.clone(),
+                    "set exactly one of sha256 = \"<hex>\" or file = \"<path>\"",
+                );
+                None
+            }
+        };
+        if let Some(sha256) = hash {
+            tokens.push(AdminToken {
+                name: t.name,
+                role: t.role,
+                sha256,
+            });
+        }
+    }
+    let max_connections = a.max_connections.unwrap_or(16);
+    if max_connections == 0 {
+        p.push("admin.max_connections", "must be at least 1");
+    }
+    let max_body_bytes = a.max_body_bytes.unwrap_or(64 * 1024);
+    if !(256..=16 * 1024 * 1024).contains(&max_body_bytes) {
+        p.push("admin.max_body_bytes", "must be in 256..=16777216");
+    }
+    Some(AdminConfig {
+        socket: a.socket.map(|s| resolve(base, s)),
+        allowed_uids: a.allowed_uids.unwrap_or_default(),
+        listen,
+        tokens,
+        max_connections: max_connections.max(1),
+        max_body_bytes,
+        request_timeout: p.duration(
+            "admin.request_timeout".into(),
+            a.request_timeout.as_deref(),
+            Duration::from_secs(10),
+        ),
+    })
+}
+
+/// SHA-256 of a byte string.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
 }
 
 fn resolve(base: &Path, path: PathBuf) -> PathBuf {

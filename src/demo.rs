@@ -17,11 +17,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 
-/// The embedded demo config; `{listen}`, `{blue}` and `{green}` are filled in
-/// with the proxy address and the demo backends' endpoints.
+/// The embedded demo config; `{listen}`, `{socket}`, `{blue}` and `{green}`
+/// are filled in with the proxy address, the admin socket and the demo
+/// backends' endpoints.
 pub const DEMO_CONFIG: &str = r#"
 [runtime]
 drain_timeout = "5s"
+
+[admin]
+socket = "{socket}"
 
 [[listener]]
 name = "demo"
@@ -43,6 +47,7 @@ green = { endpoints = [{green}] }
 /// Builds the demo config for the given proxy address and backends.
 pub fn demo_config(
     listen: SocketAddr,
+    socket: &std::path::Path,
     blue: &[SocketAddr],
     green: &[SocketAddr],
 ) -> Result<Config, ConfigError> {
@@ -54,6 +59,7 @@ pub fn demo_config(
     };
     let text = DEMO_CONFIG
         .replace("{listen}", &listen.to_string())
+        .replace("{socket}", &socket.display().to_string())
         .replace("{blue}", &list(blue))
         .replace("{green}", &list(green));
     Config::parse(&text)
@@ -120,9 +126,18 @@ fn backend_response(
     resp
 }
 
+/// The demo's admin socket: private to the user, outside the system paths.
+pub fn demo_socket() -> std::path::PathBuf {
+    let uid = rustix::process::getuid().as_raw();
+    std::env::temp_dir()
+        .join(format!("cyan-demo-{uid}"))
+        .join("admin.sock")
+}
+
 /// What `cyan demo` prints once it is up.
-pub fn banner(proxy: SocketAddr) -> String {
+pub fn banner(proxy: SocketAddr, socket: &std::path::Path) -> String {
     let url = format!("http://{proxy}");
+    let ctl = format!("cargo run --release -- ctl --socket {}", socket.display());
     format!(
         "cyan demo: proxy on {url}  (blue stable, 10% green, sticky on x-user-id)\n\
          \n\
@@ -131,6 +146,12 @@ pub fn banner(proxy: SocketAddr) -> String {
          \x20 curl -s -H 'x-user-id: alice' {url}/                        # alice always lands on the same color\n\
          \x20 curl -s -H 'x-cyan-color: green' {url}/                     # the override header forces green\n\
          \x20 for i in $(seq 200); do curl -s {url}/ | cut -d' ' -f1; done | sort | uniq -c\n\
+         \n\
+         Operate it from another terminal:\n\
+         \x20 {ctl} status\n\
+         \x20 {ctl} split gateway 50 --reason 'half and half'\n\
+         \x20 {ctl} promote gateway    # green takes 100% and becomes stable\n\
+         \x20 {ctl} events             # who changed what, and why\n\
          \n\
          Ctrl-C stops it.\n"
     )

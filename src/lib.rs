@@ -60,8 +60,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
+pub mod admin;
+pub mod app;
 pub mod body;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod demo;
 pub mod headers;
 pub mod metrics;
@@ -69,6 +73,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod server;
 pub mod split;
+pub mod state;
 pub mod table;
 pub mod tls;
 pub mod upstream;

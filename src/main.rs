@@ -2,14 +2,16 @@
 //! reusable lives in the library.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use cyan::app::App;
 use cyan::config::Config;
-use cyan::server::Server;
+use cyan::control::Controller;
+use cyan::ctl::{Options, Target, Verb};
 
 /// cyan — blue/green traffic-switching reverse proxy for API-gateway upgrades.
 #[derive(Debug, Parser)]
@@ -36,6 +38,10 @@ enum Command {
         /// Config file (TOML); see config/cyan.example.toml.
         #[arg(long, short)]
         config: PathBuf,
+        /// Ignore the persisted state file and start from the config's
+        /// values (the file is overwritten on the next change).
+        #[arg(long)]
+        fresh_state: bool,
     },
     /// Validate a config file: exit 0, or 1 with every problem listed by key.
     Check {
@@ -49,6 +55,68 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+    /// Operate a running cyan over its admin API. Exit codes: 0 ok,
+    /// 1 error, 2 usage, 3 conflict (stale --if-generation, nothing changed).
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CtlArgs {
+    /// Admin Unix socket.
+    #[arg(
+        long,
+        env = "CYAN_ADMIN_SOCKET",
+        default_value = "/run/cyan/admin.sock",
+        conflicts_with = "url"
+    )]
+    socket: PathBuf,
+    /// TCP admin API base URL (http://127.0.0.1:9901) instead of the socket.
+    #[arg(long, requires = "token_file")]
+    url: Option<String>,
+    /// File holding the bearer token for --url.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Why: recorded in the audit log.
+    #[arg(long, global = true)]
+    reason: Option<String>,
+    /// Apply only if the live table is still at this generation (else exit 3).
+    #[arg(long, global = true)]
+    if_generation: Option<u64>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    verb: CtlVerb,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlVerb {
+    /// What is live: generation, each service's split and endpoints.
+    Status,
+    /// Set the candidate's share of SERVICE to PERCENT (0..100, two decimals).
+    Split { service: String, percent: f64 },
+    /// The candidate takes 100% and becomes the stable color.
+    Promote { service: String },
+    /// The stable color takes 100%.
+    Rollback { service: String },
+    /// Stop sending new requests to an endpoint (in-flight ones finish).
+    Drain { service: String, address: String },
+    /// Let a drained endpoint take requests again.
+    Undrain { service: String, address: String },
+    /// The audit log: who changed what, when and why.
+    Events {
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
+    /// Re-read the config file (the live split is kept).
+    Reload,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -83,7 +151,11 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Run { config } => {
+        Command::Ctl(args) => ctl(args),
+        Command::Run {
+            config,
+            fresh_state,
+        } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -98,7 +170,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            rt.block_on(run(cfg, Some(config)))
+            rt.block_on(run(cfg, config, fresh_state))
         }
         Command::Demo { listen } => {
             let rt = match runtime(None) {
@@ -122,9 +194,9 @@ fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     b.build()
 }
 
-async fn run(cfg: Config, path: Option<PathBuf>) -> ExitCode {
-    let server = match Server::start(&cfg).await {
-        Ok(s) => s,
+async fn run(cfg: Config, path: PathBuf, fresh_state: bool) -> ExitCode {
+    let app = match App::start(cfg.clone(), Some(path), fresh_state).await {
+        Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             eprintln!("cyan: {e}");
@@ -132,8 +204,16 @@ async fn run(cfg: Config, path: Option<PathBuf>) -> ExitCode {
         }
     };
     for l in &cfg.listeners {
-        if let Some(addr) = server.local_addr(&l.name) {
+        if let Some(addr) = app.server.local_addr(&l.name) {
             tracing::info!(listener = %l.name, %addr, tls = l.tls.is_some(), "listening");
+        }
+    }
+    if let Some(a) = &app.admin {
+        if let Some(p) = &a.socket {
+            tracing::info!(socket = %p.display(), "admin API on the Unix socket");
+        }
+        if let Some(addr) = a.tcp_addr {
+            tracing::info!(%addr, "admin API on TCP (bearer tokens)");
         }
     }
     tracing::info!(
@@ -141,9 +221,9 @@ async fn run(cfg: Config, path: Option<PathBuf>) -> ExitCode {
         services = cfg.services.len(),
         "cyan is serving"
     );
-    wait_for_signals(&server, path.as_deref(), &cfg).await;
+    wait_for_signals(Some(&app.controller)).await;
     tracing::info!("draining");
-    let report = server.shutdown().await;
+    let report = app.shutdown().await;
     if report.abandoned > 0 {
         tracing::warn!(
             abandoned = report.abandoned,
@@ -156,8 +236,8 @@ async fn run(cfg: Config, path: Option<PathBuf>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Returns when SIGTERM or SIGINT arrives; handles SIGHUP reloads meanwhile.
-async fn wait_for_signals(server: &Server, path: Option<&Path>, initial: &Config) {
+/// Returns when SIGTERM or SIGINT arrives; SIGHUP reloads meanwhile.
+async fn wait_for_signals(controller: Option<&Controller>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (mut term, mut int, mut hup) = match (
         signal(SignalKind::terminate()),
@@ -175,52 +255,61 @@ async fn wait_for_signals(server: &Server, path: Option<&Path>, initial: &Config
         tokio::select! {
             _ = term.recv() => return,
             _ = int.recv() => return,
-            _ = hup.recv() => match path {
-                Some(p) => reload(server, p, initial),
+            _ = hup.recv() => match controller {
+                // Errors are logged, counted and audited by reload itself.
+                Some(c) => { let _ = c.reload("signal:SIGHUP"); }
                 None => tracing::info!("SIGHUP ignored: no config file"),
             },
         }
     }
 }
 
-fn reload(server: &Server, path: &Path, initial: &Config) {
-    let cfg = match Config::load(path) {
-        Ok(c) => c,
+fn ctl(args: CtlArgs) -> ExitCode {
+    let target = match (&args.url, &args.token_file) {
+        (Some(url), Some(file)) => match std::fs::read_to_string(file) {
+            Ok(t) => Target::Url {
+                base: url.clone(),
+                token: t.trim().to_string(),
+            },
+            Err(e) => {
+                eprintln!("cyan ctl: cannot read {}: {e}", file.display());
+                return ExitCode::from(1);
+            }
+        },
+        _ => Target::Socket(args.socket.clone()),
+    };
+    let verb = match args.verb {
+        CtlVerb::Status => Verb::Status,
+        CtlVerb::Split { service, percent } => Verb::Split { service, percent },
+        CtlVerb::Promote { service } => Verb::Promote { service },
+        CtlVerb::Rollback { service } => Verb::Rollback { service },
+        CtlVerb::Drain { service, address } => Verb::Drain {
+            service,
+            addr: address,
+        },
+        CtlVerb::Undrain { service, address } => Verb::Undrain {
+            service,
+            addr: address,
+        },
+        CtlVerb::Events { since } => Verb::Events { since },
+        CtlVerb::Reload => Verb::Reload,
+    };
+    let opts = Options {
+        reason: args.reason,
+        if_generation: args.if_generation,
+        json: matches!(args.output, Output::Json),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
         Err(e) => {
-            tracing::error!(error = %e, "reload rejected; the live table is unchanged");
-            return;
+            eprintln!("cyan ctl: {e}");
+            return ExitCode::from(1);
         }
     };
-    for (old, new) in initial.listeners.iter().zip(&cfg.listeners) {
-        if old.listen != new.listen || old.name != new.name {
-            tracing::warn!(listener = %old.name, "listener addresses change only on restart");
-        }
-    }
-    // Certificates first: a bad certificate rejects the whole reload.
-    let mut stores = Vec::new();
-    for l in &cfg.listeners {
-        if let (Some(t), Some((_, resolver))) = (
-            &l.tls,
-            server.tls_resolvers.iter().find(|(n, _)| n == &l.name),
-        ) {
-            match cyan::tls::CertStore::load(t) {
-                Ok(s) => stores.push((resolver.clone(), s)),
-                Err(e) => {
-                    tracing::error!(listener = %l.name, error = %e, "reload rejected; the live table is unchanged");
-                    return;
-                }
-            }
-        }
-    }
-    match server.table.replace_config(&cfg) {
-        Ok(applied) => {
-            for (resolver, store) in stores {
-                resolver.store.store(std::sync::Arc::new(store));
-            }
-            tracing::info!(?applied, "config reloaded");
-        }
-        Err(e) => tracing::error!(error = %e, "reload rejected; the live table is unchanged"),
-    }
+    ExitCode::from(rt.block_on(cyan::ctl::run(&target, &verb, &opts)))
 }
 
 async fn demo(listen: SocketAddr) -> ExitCode {
@@ -243,24 +332,26 @@ async fn demo(listen: SocketAddr) -> ExitCode {
             }
         }
     }
-    let cfg = match cyan::demo::demo_config(listen, &blue, &green) {
+    let socket = cyan::demo::demo_socket();
+    let cfg = match cyan::demo::demo_config(listen, &socket, &blue, &green) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("cyan demo: {e}");
             return ExitCode::from(1);
         }
     };
-    let server = match Server::start(&cfg).await {
-        Ok(s) => s,
+    let app = match App::start(cfg, None, false).await {
+        Ok(a) => a,
         Err(e) => {
             eprintln!("cyan demo: {e}\n(another program may hold the port: try `cyan demo --listen 127.0.0.1:18080`)");
             return ExitCode::from(1);
         }
     };
-    let addr = server.local_addr("demo").unwrap_or(listen);
-    println!("{}", cyan::demo::banner(addr));
-    wait_for_signals(&server, None, &cfg).await;
-    let report = server.shutdown().await;
+    let addr = app.server.local_addr("demo").unwrap_or(listen);
+    println!("{}", cyan::demo::banner(addr, &socket));
+    wait_for_signals(None).await;
+    let report = app.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
     stop.cancel();
     tracing::info!(
         elapsed_ms = report.elapsed.as_millis() as u64,

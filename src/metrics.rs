@@ -50,6 +50,8 @@ pub struct Metrics {
     pub connections_open: IntGaugeVec,
     pub tls_handshake_errors: IntCounterVec,
     pub rejected_requests: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub state_write_errors: IntCounter,
 }
 
 /// Request-path handles for one (service, color).
@@ -215,6 +217,28 @@ impl Metrics {
             )
             .expect("valid"),
         );
+        let config_reloads = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cyan_config_reloads_total",
+                    "Config reloads by result: success, failure.",
+                ),
+                &["result"],
+            )
+            .expect("valid"),
+        );
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        let state_write_errors = reg(
+            &r,
+            IntCounter::new(
+                "cyan_state_write_errors_total",
+                "Failed writes of the state file or the audit log.",
+            )
+            .expect("valid"),
+        );
         let build_info = reg(
             &r,
             IntGaugeVec::new(
@@ -247,6 +271,8 @@ impl Metrics {
             connections_open,
             tls_handshake_errors,
             rejected_requests,
+            config_reloads,
+            state_write_errors,
         })
     }
 

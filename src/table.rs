@@ -15,10 +15,11 @@
 //! | `Err(TableError::Invalid { .. })`, `UnknownService`, `UnknownEndpoint` | rejected: nothing changed |
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Color, Config, HostPattern, ServiceConfig, UpstreamSettings};
 use crate::metrics::{Metrics, PoolMetrics};
@@ -54,7 +55,8 @@ pub struct Pool {
 }
 
 impl Pool {
-    fn refresh(&mut self) {
+    /// Recomputes the eligible set after endpoint flags changed.
+    pub fn refresh(&mut self) {
         self.eligible = (0..self.endpoints.len())
             .filter(|&i| self.endpoints[i].eligible())
             .collect();
@@ -90,7 +92,7 @@ impl Service {
         &self.pools[color.index()]
     }
 
-    fn pool_mut(&mut self, color: Color) -> &mut Pool {
+    pub fn pool_mut(&mut self, color: Color) -> &mut Pool {
         &mut self.pools[color.index()]
     }
 
@@ -364,8 +366,10 @@ fn new_upstream(addr: SocketAddr, settings: &UpstreamSettings) -> Result<Upstrea
     Ok(Upstream::new(addr, settings.clone(), tls))
 }
 
-/// A change to the live table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A change to the live table. Serialized (tagged by `action`) into the
+/// audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
 pub enum Command {
     /// Sets the candidate's share in basis points.
     SetSplit { service: String, candidate_bp: u16 },
@@ -389,6 +393,18 @@ pub enum Command {
 }
 
 impl Command {
+    /// The command's name as the audit log spells it.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Command::SetSplit { .. } => "set_split",
+            Command::Promote { .. } => "promote",
+            Command::Rollback { .. } => "rollback",
+            Command::SetDrained { drained: true, .. } => "drain",
+            Command::SetDrained { drained: false, .. } => "undrain",
+            Command::SetHealth { .. } => "set_health",
+        }
+    }
+
     pub fn service(&self) -> &str {
         match self {
             Command::SetSplit { service, .. }
@@ -400,21 +416,78 @@ impl Command {
     }
 }
 
-/// A command with its preconditions.
+/// Who or what asked for a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// A person, over the admin API or `cyan ctl`.
+    Operator,
+    /// The progressive rollout driver.
+    Rollout,
+    /// The automatic rollback policy.
+    Rollback,
+    /// Active or passive health checks.
+    Health,
+    /// A config (re)load.
+    Config,
+}
+
+/// A command with its preconditions and provenance.
 #[derive(Debug, Clone)]
 pub struct Change {
     pub command: Command,
     /// Apply only if the live generation is still this one.
     pub if_generation: Option<u64>,
+    pub origin: Origin,
+    /// `uid:1000`, `token:ops-alice`, `rollout`, …
+    pub actor: String,
+    pub reason: Option<String>,
+}
+
+impl Change {
+    pub fn new(command: Command, origin: Origin, actor: impl Into<String>) -> Change {
+        Change {
+            command,
+            if_generation: None,
+            origin,
+            actor: actor.into(),
+            reason: None,
+        }
+    }
+
+    pub fn if_generation(mut self, generation: Option<u64>) -> Change {
+        self.if_generation = generation;
+        self
+    }
+
+    pub fn reason(mut self, reason: Option<String>) -> Change {
+        self.reason = reason;
+        self
+    }
 }
 
 impl From<Command> for Change {
     fn from(command: Command) -> Change {
-        Change {
-            command,
-            if_generation: None,
-        }
+        Change::new(command, Origin::Operator, "internal")
     }
+}
+
+/// What [`ChangeSink::committed`] is told about a change that went live.
+#[derive(Debug)]
+pub struct ChangeEvent<'a> {
+    /// The command, or `None` for a config reload.
+    pub command: Option<&'a Command>,
+    pub origin: Origin,
+    pub actor: &'a str,
+    pub reason: Option<&'a str>,
+    pub before: &'a RoutingTable,
+    pub after: &'a RoutingTable,
+}
+
+/// Receives every committed change, in order, under the writer lock: the
+/// audit log and the state file.
+pub trait ChangeSink: Send + Sync + std::fmt::Debug {
+    fn committed(&self, event: &ChangeEvent<'_>);
 }
 
 /// A successful `apply`.
@@ -442,18 +515,44 @@ pub struct Table {
     current: ArcSwap<RoutingTable>,
     writer: Mutex<()>,
     metrics: Arc<Metrics>,
+    sink: OnceLock<Arc<dyn ChangeSink>>,
 }
 
 impl Table {
     /// Builds generation 1 from config.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Table, String> {
         let table = RoutingTable::build(config, &metrics, None, 1)?;
+        Ok(Table::from_table(table, metrics))
+    }
+
+    /// Serves an already built table (e.g. one restored from a state file).
+    pub fn from_table(table: RoutingTable, metrics: Arc<Metrics>) -> Table {
         publish_gauges(&metrics, &table);
-        Ok(Table {
+        Table {
             current: ArcSwap::from_pointee(table),
             writer: Mutex::new(()),
             metrics,
-        })
+            sink: OnceLock::new(),
+        }
+    }
+
+    /// Sets where committed changes are recorded (once).
+    pub fn set_sink(&self, sink: Arc<dyn ChangeSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    fn commit(
+        &self,
+        cur: &RoutingTable,
+        next: RoutingTable,
+        event: impl FnOnce(&RoutingTable, &RoutingTable),
+    ) -> u64 {
+        let generation = next.generation;
+        publish_gauges(&self.metrics, &next);
+        let next = Arc::new(next);
+        self.current.store(next.clone());
+        event(cur, &next);
+        generation
     }
 
     /// The live snapshot; hold it for the whole request.
@@ -484,9 +583,18 @@ impl Table {
                 generation: cur.generation,
             }),
             Some(next) => {
-                let generation = next.generation;
-                publish_gauges(&self.metrics, &next);
-                self.current.store(Arc::new(next));
+                let generation = self.commit(&cur, next, |before, after| {
+                    if let Some(sink) = self.sink.get() {
+                        sink.committed(&ChangeEvent {
+                            command: Some(&change.command),
+                            origin: change.origin,
+                            actor: &change.actor,
+                            reason: change.reason.as_deref(),
+                            before,
+                            after,
+                        });
+                    }
+                });
                 Ok(Applied::Changed { generation })
             }
         }
@@ -495,13 +603,22 @@ impl Table {
     /// Rebuilds the table from a new config (a reload): static parts (pools,
     /// endpoints, timeouts, policies) come from `config`, the dynamic state
     /// of existing services is kept.
-    pub fn replace_config(&self, config: &Config) -> Result<Applied, String> {
+    pub fn replace_config(&self, config: &Config, actor: &str) -> Result<Applied, String> {
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.current.load_full();
         let next = RoutingTable::build(config, &self.metrics, Some(&cur), cur.generation + 1)?;
-        let generation = next.generation;
-        publish_gauges(&self.metrics, &next);
-        self.current.store(Arc::new(next));
+        let generation = self.commit(&cur, next, |before, after| {
+            if let Some(sink) = self.sink.get() {
+                sink.committed(&ChangeEvent {
+                    command: None,
+                    origin: Origin::Config,
+                    actor,
+                    reason: Some("config reloaded"),
+                    before,
+                    after,
+                });
+            }
+        });
         Ok(Applied::Changed { generation })
     }
 
@@ -634,10 +751,7 @@ green = { endpoints = ["127.0.0.1:9201"] }
             2500
         );
         // Stale generation changes nothing.
-        let stale = Change {
-            command: split(5000),
-            if_generation: Some(1),
-        };
+        let stale = Change::from(split(5000)).if_generation(Some(1));
         assert_eq!(
             t.apply(stale),
             Err(TableError::StaleGeneration {
@@ -649,10 +763,7 @@ green = { endpoints = ["127.0.0.1:9201"] }
             t.load().service("gateway").unwrap().split.candidate_bp,
             2500
         );
-        let fresh = Change {
-            command: split(5000),
-            if_generation: Some(2),
-        };
+        let fresh = Change::from(split(5000)).if_generation(Some(2));
         assert_eq!(t.apply(fresh), Ok(Applied::Changed { generation: 3 }));
         // Invalid and unknown: nothing changes.
         assert!(matches!(

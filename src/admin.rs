@@ -1,0 +1,692 @@
+//! The admin API: HTTP/1.1 + JSON over a Unix socket (and, optionally, a TCP
+//! listener with bearer tokens). It is a security boundary, so:
+//!
+//! * the socket is created under umask 0177 (mode 0600 from birth, no chmod
+//!   race); a stale socket file left by a crash is replaced, a live one (a
+//!   running cyan answers on it) is never stolen, and a path that is not a
+//!   socket is never deleted;
+//! * every Unix peer's uid (SO_PEERCRED) must be in `allowed_uids` (default:
+//!   the proxy's own uid and root) and is recorded as the actor of changes;
+//! * TCP is loopback unless `allow_remote = true`; tokens are stored as
+//!   SHA-256 and compared in constant time; role `read` may only GET;
+//! * bodies are capped (413), slow clients time out, and each listener has
+//!   its own small connection cap, so admin traffic cannot hurt the data path.
+//!
+//! ## Endpoints
+//! | method | path | body | answer |
+//! | --- | --- | --- | --- |
+//! | GET | `/v1/status` | | generation; every service's split and endpoints |
+//! | GET | `/v1/services/{name}` | | one service |
+//! | PUT | `/v1/services/{name}/split` | `{"candidate_percent": 12.5, "if_generation": 7, "reason": ".."}` | result |
+//! | POST | `/v1/services/{name}/promote` | `{"if_generation"?, "reason"?}` (may be empty) | result |
+//! | POST | `/v1/services/{name}/rollback` | same | result |
+//! | POST | `/v1/services/{name}/endpoints/{addr}/drain` | same | result |
+//! | POST | `/v1/services/{name}/endpoints/{addr}/undrain` | same | result |
+//! | GET | `/v1/events?since=N&limit=M` | | audit events with `seq > N` |
+//! | POST | `/v1/reload` | | re-reads the config file |
+//! | GET | `/v1/table` | | the whole live snapshot |
+//!
+//! A result is `{"result": "applied" | "no_change", "generation": N,
+//! "service": {..}}`. Errors are `{"error": "..", "field": ".."}` with 400
+//! (bad JSON or value), 401/403 (auth), 404 (unknown service, endpoint or
+//! path), 405 (method), 408 (slow request), 409 (`if_generation` is stale:
+//! nothing changed; the body carries `current_generation`), 413 (body too
+//! large).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{bp_to_percent, percent_to_bp, AdminConfig, Color, Role, Sticky};
+use crate::control::Controller;
+use crate::split::constant_time_eq;
+use crate::table::{Applied, Change, Command, Origin, Service, TableError};
+
+/// Who is asking.
+#[derive(Debug, Clone)]
+enum Caller {
+    /// A Unix socket peer that passed the uid check.
+    Peer { uid: u32, pid: Option<i32> },
+    /// A TCP client with a valid token.
+    Token { name: String, role: Role },
+    /// Refused: the status and why.
+    Refused(StatusCode, &'static str),
+}
+
+impl Caller {
+    fn actor(&self) -> String {
+        match self {
+            Caller::Peer {
+                uid,
+                pid: Some(pid),
+            } => format!("uid:{uid} pid:{pid}"),
+            Caller::Peer { uid, pid: None } => format!("uid:{uid}"),
+            Caller::Token { name, .. } => format!("token:{name}"),
+            Caller::Refused(..) => "refused".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin socket {path} is in use by a running process; refusing to take it over")]
+    SocketInUse { path: PathBuf },
+    #[error("admin socket path {path} exists and is not a socket; refusing to delete it")]
+    NotASocket { path: PathBuf },
+    #[error("admin socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admin listener {addr}: {source}")]
+    Tcp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A bound admin API, ready to serve.
+#[derive(Debug)]
+pub struct AdminServer {
+    pub socket: Option<PathBuf>,
+    pub tcp_addr: Option<SocketAddr>,
+}
+
+/// Binds the configured admin listeners and serves them until `stop`.
+pub async fn start(
+    cfg: &AdminConfig,
+    ctl: Arc<Controller>,
+    stop: CancellationToken,
+) -> Result<AdminServer, AdminError> {
+    let cfg = Arc::new(cfg.clone());
+    let mut out = AdminServer {
+        socket: None,
+        tcp_addr: None,
+    };
+    if let Some(path) = &cfg.socket {
+        let listener = bind_unix(path)?;
+        out.socket = Some(path.clone());
+        let allowed = allowed_uids(&cfg);
+        let (cfg, ctl, stop) = (cfg.clone(), ctl.clone(), stop.clone());
+        let path = path.clone();
+        tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(cfg.max_connections));
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "admin accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = stop.cancelled() => break,
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    tracing::warn!("admin connection cap reached; connection closed");
+                    continue;
+                };
+                let caller = match stream.peer_cred() {
+                    Ok(c) if allowed.contains(&c.uid()) => Caller::Peer {
+                        uid: c.uid(),
+                        pid: c.pid(),
+                    },
+                    Ok(c) => {
+                        tracing::warn!(uid = c.uid(), pid = ?c.pid(), "admin socket peer refused: uid not allowed");
+                        Caller::Refused(
+                            StatusCode::FORBIDDEN,
+                            "your uid may not use this admin socket",
+                        )
+                    }
+                    Err(_) => {
+                        Caller::Refused(StatusCode::FORBIDDEN, "peer credentials unavailable")
+                    }
+                };
+                let (cfg, ctl) = (cfg.clone(), ctl.clone());
+                tokio::spawn(async move {
+                    serve_conn(stream, move |_req| caller.clone(), cfg, ctl).await;
+                    drop(permit);
+                });
+            }
+            let _ = std::fs::remove_file(&path);
+        });
+    }
+    if let Some(addr) = cfg.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AdminError::Tcp { addr, source })?;
+        out.tcp_addr = listener.local_addr().ok();
+        let (cfg, ctl, stop) = (cfg.clone(), ctl.clone(), stop.clone());
+        tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(cfg.max_connections));
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "admin accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = stop.cancelled() => break,
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let (cfg2, ctl) = (cfg.clone(), ctl.clone());
+                let tokens = cfg.clone();
+                tokio::spawn(async move {
+                    serve_conn(stream, move |req| token_caller(&tokens, req), cfg2, ctl).await;
+                    drop(permit);
+                });
+            }
+        });
+    }
+    Ok(out)
+}
+
+fn allowed_uids(cfg: &AdminConfig) -> Vec<u32> {
+    if cfg.allowed_uids.is_empty() {
+        vec![rustix::process::getuid().as_raw(), 0]
+    } else {
+        cfg.allowed_uids.clone()
+    }
+}
+
+/// Binds the Unix socket with mode 0600, replacing only a stale socket.
+fn bind_unix(path: &Path) -> Result<UnixListener, AdminError> {
+    use std::os::unix::fs::FileTypeExt;
+    let sock_err = |source| AdminError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(AdminError::SocketInUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            tracing::info!(path = %path.display(), "replacing a stale admin socket");
+            std::fs::remove_file(path).map_err(sock_err)?;
+        }
+        Ok(_) => {
+            return Err(AdminError::NotASocket {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err(e)),
+    }
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(sock_err)?;
+        }
+    }
+    // The umask is process-wide: set it only around bind(2).
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(old);
+    bound.map_err(sock_err)
+}
+
+fn token_caller(cfg: &AdminConfig, req: &Request<Incoming>) -> Caller {
+    let Some(auth) = req.headers().get(header::AUTHORIZATION) else {
+        return Caller::Refused(StatusCode::UNAUTHORIZED, "missing bearer token");
+    };
+    let Some(token) = auth.as_bytes().strip_prefix(b"Bearer ") else {
+        return Caller::Refused(
+            StatusCode::UNAUTHORIZED,
+            "expected `Authorization: Bearer <token>`",
+        );
+    };
+    let presented = crate::config::sha256(token.trim_ascii());
+    // Every token is compared, so timing does not tell which one matched.
+    let mut found: Option<&crate::config::AdminToken> = None;
+    for t in &cfg.tokens {
+        if constant_time_eq(&presented, &t.sha256) {
+            found = Some(t);
+        }
+    }
+    match found {
+        Some(t) => Caller::Token {
+            name: t.name.clone(),
+            role: t.role,
+        },
+        None => Caller::Refused(StatusCode::UNAUTHORIZED, "invalid token"),
+    }
+}
+
+async fn serve_conn<IO, F>(io: IO, auth: F, cfg: Arc<AdminConfig>, ctl: Arc<Controller>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(&Request<Incoming>) -> Caller + Send + Sync + 'static,
+{
+    let auth = Arc::new(auth);
+    let timeout = cfg.request_timeout;
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let (auth, cfg, ctl) = (auth.clone(), cfg.clone(), ctl.clone());
+        async move {
+            let caller = auth(&req);
+            let resp = match tokio::time::timeout(timeout, handle(&ctl, &cfg, caller, req)).await {
+                Ok(r) => r,
+                Err(_) => error(StatusCode::REQUEST_TIMEOUT, "request took too long", None),
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .max_buf_size(16 * 1024);
+    if let Err(e) = b.serve_connection(TokioIo::new(io), svc).await {
+        tracing::debug!(error = %e, "admin connection ended");
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, body: Value) -> Resp {
+    let mut bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    bytes.push(b'\n');
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error(status: StatusCode, msg: &str, field: Option<&str>) -> Resp {
+    let mut body = json!({ "error": msg });
+    if let Some(f) = field {
+        body["field"] = json!(f);
+    }
+    let mut resp = reply(status, body);
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
+}
+
+/// A mutating request's optional body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeBody {
+    if_generation: Option<u64>,
+    reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SplitBody {
+    candidate_percent: f64,
+    if_generation: Option<u64>,
+    reason: Option<String>,
+}
+
+async fn handle(
+    ctl: &Controller,
+    cfg: &AdminConfig,
+    caller: Caller,
+    req: Request<Incoming>,
+) -> Resp {
+    if let Caller::Refused(status, why) = caller {
+        return error(status, why, None);
+    }
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().trim_end_matches('/').to_string();
+    let segs: Vec<&str> = path.split('/').skip(1).collect();
+    let mutating = parts.method != Method::GET && parts.method != Method::HEAD;
+    if mutating {
+        if let Caller::Token {
+            role: Role::Read, ..
+        } = caller
+        {
+            return error(
+                StatusCode::FORBIDDEN,
+                "token role `read` may not change anything",
+                None,
+            );
+        }
+    }
+    let body = match Limited::new(body, cfg.max_body_bytes).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return if e.is::<http_body_util::LengthLimitError>() {
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("request body over {} bytes", cfg.max_body_bytes),
+                    None,
+                )
+            } else {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "could not read the request body",
+                    None,
+                )
+            };
+        }
+    };
+    let actor = caller.actor();
+    let m = &parts.method;
+    match segs.as_slice() {
+        ["v1", "status"] => only(m, Method::GET, || status(ctl)),
+        ["v1", "table"] => only(m, Method::GET, || table(ctl)),
+        ["v1", "events"] => only(m, Method::GET, || events(ctl, parts.uri.query())),
+        ["v1", "reload"] => {
+            if m != Method::POST {
+                return error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None);
+            }
+            match ctl.reload(&actor) {
+                Ok(generation) => reply(
+                    StatusCode::OK,
+                    json!({ "result": "reloaded", "generation": generation }),
+                ),
+                Err(e) => error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("reload rejected, nothing changed: {e}"),
+                    Some("config"),
+                ),
+            }
+        }
+        ["v1", "services", name] => only(m, Method::GET, || {
+            let t = ctl.table.load();
+            match t.service(name) {
+                Some(s) => reply(StatusCode::OK, service_json(s, t.generation)),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    &format!("no service named `{name}`"),
+                    Some("service"),
+                ),
+            }
+        }),
+        ["v1", "services", name, "split"] => {
+            if m != Method::PUT {
+                return error(StatusCode::METHOD_NOT_ALLOWED, "use PUT", None);
+            }
+            let b: SplitBody = match parse(&body) {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let bp = match percent_to_bp(b.candidate_percent) {
+                Ok(bp) => bp,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e, Some("candidate_percent")),
+            };
+            let cmd = Command::SetSplit {
+                service: name.to_string(),
+                candidate_bp: bp,
+            };
+            apply(ctl, cmd, b.if_generation, b.reason, &actor)
+        }
+        ["v1", "services", name, action @ ("promote" | "rollback")] => {
+            if m != Method::POST {
+                return error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None);
+            }
+            let b = match parse_optional(&body) {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let service = name.to_string();
+            let cmd = if *action == "promote" {
+                Command::Promote { service }
+            } else {
+                Command::Rollback { service }
+            };
+            apply(ctl, cmd, b.if_generation, b.reason, &actor)
+        }
+        ["v1", "services", name, "endpoints", addr, action @ ("drain" | "undrain")] => {
+            if m != Method::POST {
+                return error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None);
+            }
+            let Ok(addr) = addr.parse::<SocketAddr>() else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("`{addr}` is not an IP:PORT address"),
+                    Some("address"),
+                );
+            };
+            let b = match parse_optional(&body) {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let cmd = Command::SetDrained {
+                service: name.to_string(),
+                addr,
+                drained: *action == "drain",
+            };
+            apply(ctl, cmd, b.if_generation, b.reason, &actor)
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            &format!("no such endpoint: {}", parts.uri.path()),
+            None,
+        ),
+    }
+}
+
+fn only(m: &Method, want: Method, f: impl FnOnce() -> Resp) -> Resp {
+    if *m == want || (want == Method::GET && *m == Method::HEAD) {
+        f()
+    } else {
+        error(StatusCode::METHOD_NOT_ALLOWED, &format!("use {want}"), None)
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Resp> {
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = format!("invalid JSON body: {e}");
+        // serde names the offending field in its message; pass it on.
+        let field = msg.split('`').nth(1).map(str::to_string);
+        error(StatusCode::BAD_REQUEST, &msg, field.as_deref())
+    })
+}
+
+fn parse_optional(body: &[u8]) -> Result<ChangeBody, Resp> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        Ok(ChangeBody::default())
+    } else {
+        parse(body)
+    }
+}
+
+fn apply(
+    ctl: &Controller,
+    cmd: Command,
+    if_generation: Option<u64>,
+    reason: Option<String>,
+    actor: &str,
+) -> Resp {
+    let service = cmd.service().to_string();
+    let change = Change::new(cmd, Origin::Operator, actor)
+        .if_generation(if_generation)
+        .reason(reason);
+    match ctl.table.apply(change) {
+        Ok(applied) => {
+            let (result, generation) = match applied {
+                Applied::Changed { generation } => ("applied", generation),
+                Applied::NoChange { generation } => ("no_change", generation),
+            };
+            let t = ctl.table.load();
+            let svc = t.service(&service).map(|s| service_json(s, t.generation));
+            reply(
+                StatusCode::OK,
+                json!({ "result": result, "generation": generation, "service": svc }),
+            )
+        }
+        Err(TableError::StaleGeneration { expected, current }) => reply(
+            StatusCode::CONFLICT,
+            json!({
+                "error": format!("stale generation: you sent {expected}, the live table is {current}; nothing changed"),
+                "field": "if_generation",
+                "current_generation": current,
+            }),
+        ),
+        Err(e @ TableError::UnknownService(_)) => {
+            error(StatusCode::NOT_FOUND, &e.to_string(), Some("service"))
+        }
+        Err(e @ TableError::UnknownEndpoint { .. }) => {
+            error(StatusCode::NOT_FOUND, &e.to_string(), Some("address"))
+        }
+        Err(TableError::Invalid { field, reason }) => {
+            error(StatusCode::BAD_REQUEST, &reason, Some(&field))
+        }
+    }
+}
+
+fn status(ctl: &Controller) -> Resp {
+    let t = ctl.table.load();
+    let services: Vec<Value> = t
+        .services
+        .iter()
+        .map(|s| service_json(s, t.generation))
+        .collect();
+    reply(
+        StatusCode::OK,
+        json!({ "generation": t.generation, "version": crate::VERSION, "services": services }),
+    )
+}
+
+fn table(ctl: &Controller) -> Resp {
+    let t = ctl.table.load();
+    let services: Vec<Value> = t
+        .services
+        .iter()
+        .map(|s| {
+            let mut v = service_json(s, t.generation);
+            let c = &s.config;
+            v["listeners"] = json!(c.listeners);
+            v["override_header"] = json!(c.override_.as_ref().map(|o| o.header.as_str()));
+            v["color_header"] = json!(c.color_header.as_ref().map(|h| h.as_str()));
+            for color in [Color::Blue, Color::Green] {
+                let u = &c.pool(color).upstream;
+                v["pools"][color.as_str()]["upstream"] = json!({
+                    "protocol": u.protocol,
+                    "connect_timeout": crate::config::format_duration(u.connect_timeout),
+                    "response_timeout": crate::config::format_duration(u.response_timeout),
+                    "idle_timeout": crate::config::format_duration(u.idle_timeout),
+                    "max_idle_per_endpoint": u.max_idle_per_endpoint,
+                    "tls": u.tls.is_some(),
+                });
+            }
+            v
+        })
+        .collect();
+    reply(
+        StatusCode::OK,
+        json!({ "generation": t.generation, "listeners": t.listener_names, "services": services }),
+    )
+}
+
+fn events(ctl: &Controller, query: Option<&str>) -> Resp {
+    let mut since = 0u64;
+    let mut limit = 1000usize;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "since" => match v.parse() {
+                Ok(n) => since = n,
+                Err(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "since must be a number",
+                        Some("since"),
+                    )
+                }
+            },
+            "limit" => match v.parse::<usize>() {
+                Ok(n) => limit = n.clamp(1, 10_000),
+                Err(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "limit must be a number",
+                        Some("limit"),
+                    )
+                }
+            },
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("unknown parameter `{k}`"),
+                    Some(k),
+                )
+            }
+        }
+    }
+    let events = ctl.store.events_since(since, limit);
+    reply(StatusCode::OK, json!({ "events": events }))
+}
+
+/// A service as the API shows it.
+pub fn service_json(s: &Service, generation: u64) -> Value {
+    let pool = |c: Color| {
+        let p = s.pool(c);
+        let endpoints: Vec<Value> = p
+            .endpoints
+            .iter()
+            .map(|e| {
+                let state = if e.drained {
+                    "drained"
+                } else if !e.healthy {
+                    "down"
+                } else {
+                    "up"
+                };
+                json!({
+                    "address": e.addr.to_string(),
+                    "state": state,
+                    "healthy": e.healthy,
+                    "drained": e.drained,
+                    "in_flight": e.upstream.in_flight(),
+                })
+            })
+            .collect();
+        json!({ "eligible": p.eligible.len(), "endpoints": endpoints })
+    };
+    let sticky = s.split.sticky.as_ref().map(|st| match st {
+        Sticky::Header(h) => format!("header:{h}"),
+        Sticky::Cookie(c) => format!("cookie:{c}"),
+        Sticky::ClientIp => "client_ip".to_string(),
+    });
+    json!({
+        "name": &*s.name,
+        "generation": generation,
+        "stable": s.split.stable,
+        "candidate": s.split.candidate(),
+        "candidate_percent": bp_to_percent(s.split.candidate_bp),
+        "hosts": s.config.hosts.iter().map(|h| match h {
+            crate::config::HostPattern::Any => "*".to_string(),
+            crate::config::HostPattern::Exact(e) => e.clone(),
+            crate::config::HostPattern::Suffix(x) => format!("*{x}"),
+        }).collect::<Vec<_>>(),
+        "path_prefix": s.path_prefix,
+        "sticky": sticky,
+        "pools": { "blue": pool(Color::Blue), "green": pool(Color::Green) },
+        "rollout": Value::Null,
+    })
+}

@@ -1,0 +1,134 @@
+//! Operations on a running proxy that the admin API and signals share:
+//! applying operator changes and reloading the config.
+//!
+//! A reload re-reads the config file and changes the static parts (pools,
+//! endpoints, timeouts, policies, TLS certificates) in one table swap while
+//! the dynamic state (split, stable color, drained endpoints) is kept. An
+//! invalid config, an unreadable file or a bad certificate rejects the
+//! reload whole: the live table and certificates stay, the reasons are
+//! returned, logged, counted (`cyan_config_reloads_total{result="failure"}`)
+//! and audited.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::config::{Config, ConfigError};
+use crate::server::Server;
+use crate::state::StateStore;
+use crate::table::{Origin, Table};
+use crate::tls::{CertStore, SniResolver};
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload (the proxy was started without one)")]
+    NoFile,
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("listener `{listener}`: {reason}")]
+    Tls { listener: String, reason: String },
+    #[error("{0}")]
+    Table(String),
+}
+
+/// Shared control-plane state.
+#[derive(Debug)]
+pub struct Controller {
+    pub table: Arc<Table>,
+    pub store: Arc<StateStore>,
+    config_path: Option<PathBuf>,
+    config: Mutex<Config>,
+    tls_resolvers: Vec<(String, Arc<SniResolver>)>,
+}
+
+impl Controller {
+    pub fn new(
+        server: &Server,
+        store: Arc<StateStore>,
+        config: Config,
+        config_path: Option<PathBuf>,
+    ) -> Controller {
+        Controller {
+            table: server.table.clone(),
+            store,
+            config_path,
+            config: Mutex::new(config),
+            tls_resolvers: server.tls_resolvers.clone(),
+        }
+    }
+
+    /// The config as last loaded.
+    pub fn config(&self) -> Config {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the config file and applies it; returns the new generation.
+    pub fn reload(&self, actor: &str) -> Result<u64, ReloadError> {
+        let result = self.try_reload(actor);
+        let metrics = self.table.metrics();
+        match &result {
+            Ok(generation) => {
+                metrics.config_reloads.with_label_values(&["success"]).inc();
+                tracing::info!(actor, generation, "config reloaded");
+            }
+            Err(e) => {
+                metrics.config_reloads.with_label_values(&["failure"]).inc();
+                tracing::error!(actor, error = %e, "reload rejected; the live table is unchanged");
+                self.store.note(
+                    Origin::Config,
+                    actor,
+                    "reload_rejected",
+                    None,
+                    self.table.load().generation,
+                    Some(e.to_string()),
+                );
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self, actor: &str) -> Result<u64, ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
+        let new = Config::load(path)?;
+        let mut current = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        for old in &current.listeners {
+            match new.listeners.iter().find(|l| l.name == old.name) {
+                Some(l) if l.listen == old.listen => {}
+                _ => {
+                    tracing::warn!(listener = %old.name, "listener names and addresses change only on restart")
+                }
+            }
+        }
+        // Certificates first: a bad one rejects the whole reload.
+        let mut stores = Vec::new();
+        for l in &new.listeners {
+            if let (Some(t), Some((_, resolver))) = (
+                &l.tls,
+                self.tls_resolvers.iter().find(|(n, _)| n == &l.name),
+            ) {
+                let store = CertStore::load(t).map_err(|e| ReloadError::Tls {
+                    listener: l.name.clone(),
+                    reason: e.to_string(),
+                })?;
+                stores.push((resolver.clone(), store));
+            }
+        }
+        let applied = self
+            .table
+            .replace_config(&new, actor)
+            .map_err(ReloadError::Table)?;
+        for (resolver, store) in stores {
+            // Open connections keep their session; new handshakes see the
+            // new certificate.
+            resolver.store.store(Arc::new(store));
+        }
+        *current = new;
+        Ok(match applied {
+            crate::table::Applied::Changed { generation }
+            | crate::table::Applied::NoChange { generation } => generation,
+        })
+    }
+}
