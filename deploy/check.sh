@@ -289,7 +289,7 @@ assert cfg["metrics"]["listen"] == "0.0.0.0:9900", "[metrics] listen must be 0.0
 assert cfg["admin"]["socket"] == "/run/cyan/admin.sock", "[admin] socket"
 assert cfg["state"]["dir"] == "/var/lib/cyan", "[state] dir"
 assert cfg["runtime"]["drain_timeout"] == "25s", "[runtime] drain_timeout"
-names = [s["name"] for s in cfg["services"]]
+names = [s["name"] for s in cfg["service"]]
 assert "gateway" in names, "service gateway"
 print("ok")
 PYEOF
