@@ -77,8 +77,12 @@ impl App {
         })
     }
 
-    /// Drains and stops.
+    /// Drains and stops; the admin socket file is removed.
     pub async fn shutdown(self) -> DrainReport {
-        self.server.shutdown().await
+        let report = self.server.shutdown().await;
+        if let Some(path) = self.admin.as_ref().and_then(|a| a.socket.as_ref()) {
+            let _ = std::fs::remove_file(path);
+        }
+        report
     }
 }
