@@ -176,8 +176,67 @@ struct RawService {
     color_header: Option<String>,
     #[serde(default)]
     upstream: RawUpstream,
+    health: Option<RawHealth>,
+    rollback: Option<RawRollback>,
+    rollout: Option<RawRollout>,
+    fallback: Option<bool>,
     blue: RawPool,
     green: RawPool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    path: Option<String>,
+    method: Option<String>,
+    host: Option<String>,
+    expect: Option<Vec<u16>>,
+    interval: Option<String>,
+    jitter: Option<f64>,
+    timeout: Option<String>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    eject_after: Option<u32>,
+    eject_for: Option<String>,
+    eject_max: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollback {
+    enabled: Option<bool>,
+    bucket: Option<String>,
+    evaluate_every: Option<String>,
+    min_requests: Option<u64>,
+    max_failure_ratio: Option<f64>,
+    relative_margin: Option<f64>,
+    latency_factor: Option<f64>,
+    latency_floor: Option<String>,
+    consecutive: Option<u32>,
+    min_healthy_fraction: Option<f64>,
+    step_down: Option<Vec<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    steps: Option<Vec<f64>>,
+    ramp_step: Option<f64>,
+    hold: Option<String>,
+    min_requests: Option<u64>,
+    #[serde(default)]
+    preflight: Vec<RawPreflight>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPreflight {
+    method: Option<String>,
+    path: String,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    body: Option<String>,
+    expect: Option<Vec<u16>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -211,6 +270,7 @@ struct RawPool {
     idle_timeout: Option<String>,
     max_idle_per_endpoint: Option<usize>,
     tls: Option<RawUpstreamTls>,
+    health: Option<RawHealth>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -368,6 +428,11 @@ pub struct ServiceConfig {
     pub override_: Option<OverrideConfig>,
     /// Response header naming the color that served, when set.
     pub color_header: Option<HeaderName>,
+    /// When every endpoint of the chosen pool is out, the other color takes
+    /// the request (if it has an eligible endpoint).
+    pub fallback: bool,
+    pub rollback: RollbackConfig,
+    pub rollout: Option<RolloutConfig>,
     pub blue: PoolConfig,
     pub green: PoolConfig,
 }
@@ -385,6 +450,87 @@ impl ServiceConfig {
 pub struct PoolConfig {
     pub endpoints: Vec<SocketAddr>,
     pub upstream: UpstreamSettings,
+    pub health: HealthConfig,
+}
+
+/// Active and passive health checks of a pool's endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// Active HTTP probes; `None` when no `path` is configured.
+    pub active: Option<ActiveCheck>,
+    /// Consecutive failures (connect errors, 5xx, timeouts; never 4xx) that
+    /// eject an endpoint; 0 turns passive ejection off.
+    pub eject_after: u32,
+    /// First ejection's length; doubles on each repeat, up to `eject_max`.
+    pub eject_for: Duration,
+    pub eject_max: Duration,
+}
+
+/// One probe: a fresh connection, one request, an expected status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveCheck {
+    pub method: http::Method,
+    pub path: String,
+    /// Host header; the endpoint's address when absent.
+    pub host: Option<String>,
+    /// Statuses that count as healthy; empty = 200..=399.
+    pub expect: Vec<u16>,
+    pub interval: Duration,
+    /// Fraction of the interval added or removed at random (0..0.5).
+    pub jitter: f64,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// When the candidate is judged bad and traffic goes back to the stable color.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollbackConfig {
+    pub enabled: bool,
+    /// Window bucket; the window spans 10 of them.
+    pub bucket: Duration,
+    pub evaluate_every: Duration,
+    /// Candidate requests in the window below which the verdict is
+    /// "inconclusive: hold".
+    pub min_requests: u64,
+    /// Candidate failure ratio that trips on its own.
+    pub max_failure_ratio: f64,
+    /// The candidate's Wilson lower bound must exceed the stable's upper
+    /// bound by this much to trip the relative trigger.
+    pub relative_margin: f64,
+    /// Candidate p99 above `latency_factor` × stable p99 (and above the
+    /// floor) trips the latency trigger; 0 turns it off.
+    pub latency_factor: f64,
+    pub latency_floor: Duration,
+    /// Consecutive bad evaluations needed.
+    pub consecutive: u32,
+    /// The candidate pool counts as unhealthy below this fraction of its
+    /// endpoints up.
+    pub min_healthy_fraction: f64,
+    /// Shares (basis points) to step down through instead of 0 at once.
+    pub step_down: Vec<u16>,
+}
+
+/// A progressive rollout plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutConfig {
+    /// Candidate shares in basis points, rising, ending at 10000.
+    pub steps: Vec<u16>,
+    pub hold: Duration,
+    /// Candidate requests a step must have seen before it may advance.
+    pub min_requests: u64,
+    pub preflight: Vec<Preflight>,
+}
+
+/// A request sent to every candidate endpoint before a rollout starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preflight {
+    pub method: http::Method,
+    pub path: String,
+    pub headers: Vec<(HeaderName, http::HeaderValue)>,
+    pub body: Option<String>,
+    /// Expected statuses; empty = 200..=299.
+    pub expect: Vec<u16>,
 }
 
 /// The protocol cyan speaks to a pool's endpoints.
@@ -1082,9 +1228,11 @@ fn validate_service(
     });
     let color_header = header(p, "color_header", s.color_header);
 
-    let blue = validate_pool(s.blue, &format!("{key}.blue"), &s.upstream, base, p);
-    let green = validate_pool(s.green, &format!("{key}.green"), &s.upstream, base, p);
+    let blue = validate_pool(s.blue, &format!("{key}.blue"), &s.upstream, s.health.as_ref(), base, p);
+    let green = validate_pool(s.green, &format!("{key}.green"), &s.upstream, s.health.as_ref(), base, p);
     let salt = s.salt.unwrap_or_else(|| s.name.clone());
+    let rollback = validate_rollback(s.rollback.unwrap_or_default(), &format!("{key}.rollback"), p);
+    let rollout = s.rollout.map(|r| validate_rollout(r, &format!("{key}.rollout"), rollback.min_requests, p));
     Some(ServiceConfig {
         name: s.name,
         hosts,
@@ -1096,8 +1244,217 @@ fn validate_service(
         salt,
         override_,
         color_header,
+        fallback: s.fallback.unwrap_or(true),
+        rollback,
+        rollout: rollout.flatten(),
         blue: blue?,
         green: green?,
+    })
+}
+
+fn validate_health(raw: Option<&RawHealth>, key: &str, p: &mut Problems) -> HealthConfig {
+    let d = RawHealth::default();
+    let h = raw.unwrap_or(&d);
+    let active = h.path.as_ref().map(|path| {
+        if !path.starts_with('/') {
+            p.push(format!("{key}.path"), "must start with '/'");
+        }
+        let method = match h.method.as_deref().unwrap_or("GET").parse::<http::Method>() {
+            Ok(m) => m,
+            Err(_) => {
+                p.push(format!("{key}.method"), "not an HTTP method");
+                http::Method::GET
+            }
+        };
+        let jitter = h.jitter.unwrap_or(0.1);
+        if !(0.0..=0.5).contains(&jitter) {
+            p.push(format!("{key}.jitter"), "must be in 0.0..=0.5 (a fraction of the interval)");
+        }
+        let expect = h.expect.clone().unwrap_or_default();
+        if expect.iter().any(|c| !(100..=599).contains(c)) {
+            p.push(format!("{key}.expect"), "statuses must be in 100..=599");
+        }
+        let rise = h.rise.unwrap_or(2);
+        let fall = h.fall.unwrap_or(3);
+        if rise == 0 || fall == 0 {
+            p.push(format!("{key}.rise"), "rise and fall must be at least 1");
+        }
+        let interval = p.duration(format!("{key}.interval"), h.interval.as_deref(), Duration::from_secs(2));
+        let timeout = p.duration(format!("{key}.timeout"), h.timeout.as_deref(), Duration::from_secs(1));
+        if timeout > interval {
+            p.push(format!("{key}.timeout"), "must not exceed the interval");
+        }
+        ActiveCheck {
+            method,
+            path: path.clone(),
+            host: h.host.clone(),
+            expect,
+            interval,
+            jitter: jitter.clamp(0.0, 0.5),
+            timeout,
+            rise: rise.max(1),
+            fall: fall.max(1),
+        }
+    });
+    let eject_for = p.duration(format!("{key}.eject_for"), h.eject_for.as_deref(), Duration::from_secs(10));
+    let eject_max = p.duration(format!("{key}.eject_max"), h.eject_max.as_deref(), Duration::from_secs(300));
+    if eject_max < eject_for {
+        p.push(format!("{key}.eject_max"), "must be at least eject_for");
+    }
+    HealthConfig {
+        active,
+        eject_after: h.eject_after.unwrap_or(5),
+        eject_for,
+        eject_max,
+    }
+}
+
+/// Merges a pool's `health` table over the service's.
+fn merge_health(svc: Option<&RawHealth>, pool: Option<&RawHealth>) -> Option<RawHealth> {
+    match (svc, pool) {
+        (None, None) => None,
+        (Some(s), None) => Some(s.clone()),
+        (None, Some(p)) => Some(p.clone()),
+        (Some(s), Some(p)) => Some(RawHealth {
+            path: p.path.clone().or(s.path.clone()),
+            method: p.method.clone().or(s.method.clone()),
+            host: p.host.clone().or(s.host.clone()),
+            expect: p.expect.clone().or(s.expect.clone()),
+            interval: p.interval.clone().or(s.interval.clone()),
+            jitter: p.jitter.or(s.jitter),
+            timeout: p.timeout.clone().or(s.timeout.clone()),
+            rise: p.rise.or(s.rise),
+            fall: p.fall.or(s.fall),
+            eject_after: p.eject_after.or(s.eject_after),
+            eject_for: p.eject_for.clone().or(s.eject_for.clone()),
+            eject_max: p.eject_max.clone().or(s.eject_max.clone()),
+        }),
+    }
+}
+
+fn ratio(p: &mut Problems, key: String, v: Option<f64>, default: f64) -> f64 {
+    let v = v.unwrap_or(default);
+    if !(0.0..=1.0).contains(&v) {
+        p.push(key, format!("{v} is not a ratio in 0.0..=1.0"));
+        return default;
+    }
+    v
+}
+
+fn validate_rollback(r: RawRollback, key: &str, p: &mut Problems) -> RollbackConfig {
+    let mut step_down = Vec::new();
+    for (i, s) in r.step_down.unwrap_or_default().into_iter().enumerate() {
+        match percent_to_bp(s) {
+            Ok(bp) => step_down.push(bp),
+            Err(e) => p.push(format!("{key}.step_down[{i}]"), e),
+        }
+    }
+    if step_down.windows(2).any(|w| w[1] >= w[0]) {
+        p.push(format!("{key}.step_down"), "must be strictly decreasing (e.g. [10, 1])");
+    }
+    let latency_factor = r.latency_factor.unwrap_or(3.0);
+    if latency_factor != 0.0 && latency_factor < 1.0 {
+        p.push(format!("{key}.latency_factor"), "must be 0 (off) or at least 1");
+    }
+    let consecutive = r.consecutive.unwrap_or(3);
+    if consecutive == 0 {
+        p.push(format!("{key}.consecutive"), "must be at least 1");
+    }
+    RollbackConfig {
+        enabled: r.enabled.unwrap_or(true),
+        bucket: p.duration(format!("{key}.bucket"), r.bucket.as_deref(), Duration::from_secs(1)),
+        evaluate_every: p.duration(
+            format!("{key}.evaluate_every"),
+            r.evaluate_every.as_deref(),
+            Duration::from_millis(250),
+        ),
+        min_requests: r.min_requests.unwrap_or(20),
+        max_failure_ratio: ratio(p, format!("{key}.max_failure_ratio"), r.max_failure_ratio, 0.05),
+        relative_margin: ratio(p, format!("{key}.relative_margin"), r.relative_margin, 0.02),
+        latency_factor,
+        latency_floor: p.duration(
+            format!("{key}.latency_floor"),
+            r.latency_floor.as_deref(),
+            Duration::from_millis(250),
+        ),
+        consecutive: consecutive.max(1),
+        min_healthy_fraction: ratio(p, format!("{key}.min_healthy_fraction"), r.min_healthy_fraction, 0.5),
+        step_down,
+    }
+}
+
+fn validate_rollout(r: RawRollout, key: &str, min_requests: u64, p: &mut Problems) -> Option<RolloutConfig> {
+    let percents = match (r.steps, r.ramp_step) {
+        (Some(s), None) => s,
+        (None, Some(step)) if step > 0.0 && step <= 100.0 => {
+            let mut v = Vec::new();
+            let mut x = step;
+            while x < 100.0 {
+                v.push((x * 100.0).round() / 100.0);
+                x += step;
+            }
+            v.push(100.0);
+            v
+        }
+        (None, Some(_)) => {
+            p.push(format!("{key}.ramp_step"), "must be in (0, 100]");
+            return None;
+        }
+        _ => {
+            p.push(key.to_string(), "set exactly one of steps = [..] or ramp_step = N");
+            return None;
+        }
+    };
+    let mut steps = Vec::new();
+    for (i, s) in percents.iter().enumerate() {
+        match percent_to_bp(*s) {
+            Ok(0) => p.push(format!("{key}.steps[{i}]"), "a step of 0 moves nothing"),
+            Ok(bp) => steps.push(bp),
+            Err(e) => p.push(format!("{key}.steps[{i}]"), e),
+        }
+    }
+    if steps.windows(2).any(|w| w[1] <= w[0]) {
+        p.push(format!("{key}.steps"), "must be strictly increasing");
+    }
+    if steps.last() != Some(&10_000) {
+        p.push(format!("{key}.steps"), "must end at 100 (the final step promotes)");
+    }
+    let mut preflight = Vec::new();
+    for (i, pf) in r.preflight.into_iter().enumerate() {
+        let k = format!("{key}.preflight[{i}]");
+        let method = match pf.method.as_deref().unwrap_or("GET").parse::<http::Method>() {
+            Ok(m) => m,
+            Err(_) => {
+                p.push(format!("{k}.method"), "not an HTTP method");
+                continue;
+            }
+        };
+        if !pf.path.starts_with('/') {
+            p.push(format!("{k}.path"), "must start with '/'");
+        }
+        let mut headers = Vec::new();
+        for (name, value) in pf.headers {
+            match (
+                HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()),
+                http::HeaderValue::from_str(&value),
+            ) {
+                (Ok(n), Ok(v)) => headers.push((n, v)),
+                _ => p.push(format!("{k}.headers.{name}"), "not a valid header"),
+            }
+        }
+        preflight.push(Preflight {
+            method,
+            path: pf.path,
+            headers,
+            body: pf.body,
+            expect: pf.expect.unwrap_or_default(),
+        });
+    }
+    Some(RolloutConfig {
+        steps,
+        hold: p.duration(format!("{key}.hold"), r.hold.as_deref(), Duration::from_secs(300)),
+        min_requests: r.min_requests.unwrap_or(min_requests),
+        preflight,
     })
 }
 
@@ -1130,9 +1487,15 @@ fn validate_pool(
     pool: RawPool,
     key: &str,
     svc: &RawUpstream,
+    svc_health: Option<&RawHealth>,
     base: &Path,
     p: &mut Problems,
 ) -> Option<PoolConfig> {
+    let health = validate_health(
+        merge_health(svc_health, pool.health.as_ref()).as_ref(),
+        &format!("{key}.health"),
+        p,
+    );
     if pool.endpoints.is_empty() {
         p.push(
             format!("{key}.endpoints"),
@@ -1225,6 +1588,7 @@ fn validate_pool(
     Some(PoolConfig {
         endpoints,
         upstream,
+        health,
     })
 }
 

@@ -52,6 +52,10 @@ pub struct Metrics {
     pub rejected_requests: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub state_write_errors: IntCounter,
+    pub rollbacks: IntCounterVec,
+    pub rollbacks_held: IntCounterVec,
+    pub rollout_step: IntGaugeVec,
+    pub health_checks: IntCounterVec,
 }
 
 /// Request-path handles for one (service, color).
@@ -64,6 +68,8 @@ pub struct PoolMetrics {
     /// By [`ErrorKind`] as index.
     pub upstream_errors: [IntCounter; 3],
     pub retries: IntCounter,
+    /// Sliding window of outcomes for the rollback analysis.
+    pub window: crate::stats::Window,
 }
 
 impl PoolMetrics {
@@ -239,6 +245,47 @@ impl Metrics {
             )
             .expect("valid"),
         );
+        let rollbacks = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cyan_rollbacks_total",
+                    "Automatic rollbacks by trigger: candidate_unhealthy, failure_ratio, relative_failures, latency.",
+                ),
+                &["service", "reason"],
+            )
+            .expect("valid"),
+        );
+        let rollbacks_held = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cyan_rollbacks_held_total",
+                    "Rollbacks not done because the stable color was failing too.",
+                ),
+                &["service"],
+            )
+            .expect("valid"),
+        );
+        let rollout_step = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "cyan_rollout_step",
+                    "Index of the live rollout step (from 0); -1 when no rollout runs.",
+                ),
+                &["service"],
+            )
+            .expect("valid"),
+        );
+        let health_checks = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new("cyan_health_checks_total", "Active health probes by result: success, failure."),
+                &["service", "color", "endpoint", "result"],
+            )
+            .expect("valid"),
+        );
         let build_info = reg(
             &r,
             IntGaugeVec::new(
@@ -273,11 +320,16 @@ impl Metrics {
             rejected_requests,
             config_reloads,
             state_write_errors,
+            rollbacks,
+            rollbacks_held,
+            rollout_step,
+            health_checks,
         })
     }
 
-    /// Resolves the request-path handles of one (service, color).
-    pub fn pool(&self, service: &str, color: Color) -> PoolMetrics {
+    /// Resolves the request-path handles of one (service, color); `bucket`
+    /// is the analysis window's bucket length.
+    pub fn pool(&self, service: &str, color: Color, bucket: std::time::Duration) -> PoolMetrics {
         let c = color.as_str();
         let class = |k: &str| self.requests.with_label_values(&[service, c, k]);
         let err = |k: ErrorKind| {
@@ -296,6 +348,7 @@ impl Metrics {
             in_flight: self.in_flight.with_label_values(&[service, c]),
             upstream_errors: ErrorKind::ALL.map(err),
             retries: self.retries.with_label_values(&[service, c]),
+            window: crate::stats::Window::new(bucket),
         }
     }
 
@@ -320,7 +373,7 @@ mod tests {
     #[test]
     fn handles_feed_the_families() {
         let m = Metrics::new();
-        let p = m.pool("gateway", Color::Green);
+        let p = m.pool("gateway", Color::Green, std::time::Duration::from_secs(1));
         p.count_status(503);
         p.count_status(200);
         p.count_error(ErrorKind::Reset);
@@ -334,7 +387,7 @@ mod tests {
         ));
         assert!(text.contains("cyan_build_info{version="));
         // A second resolution shares the same series.
-        m.pool("gateway", Color::Green).count_status(200);
+        m.pool("gateway", Color::Green, std::time::Duration::from_secs(1)).count_status(200);
         assert!(m.render().contains(
             "cyan_requests_total{code_class=\"2xx\",color=\"green\",service=\"gateway\"} 2"
         ));

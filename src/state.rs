@@ -25,7 +25,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{bp_to_percent, Color};
-use crate::table::{ChangeEvent, ChangeSink, Origin, RoutingTable, Service};
+use crate::table::{ChangeEvent, ChangeSink, Origin, RollbackLatch, RolloutState, RoutingTable, Service};
 
 /// Events kept in memory for `/v1/events`.
 const RECENT_EVENTS: usize = 10_000;
@@ -40,6 +40,10 @@ pub struct ServiceState {
     pub candidate_bp: u16,
     #[serde(default)]
     pub drained: Vec<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<RollbackLatch>,
 }
 
 /// What `state.json` holds.
@@ -78,6 +82,8 @@ fn service_state(s: &Service) -> ServiceState {
             .filter(|e| e.drained)
             .map(|e| e.addr)
             .collect(),
+        rollout: s.rollout.clone(),
+        rolled_back: s.rolled_back.clone(),
     }
 }
 
@@ -88,6 +94,10 @@ pub struct ServiceSnapshot {
     pub candidate_percent: f64,
     pub drained: Vec<SocketAddr>,
     pub down: Vec<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_step: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<String>,
 }
 
 fn snapshot(s: &Service) -> ServiceSnapshot {
@@ -96,6 +106,8 @@ fn snapshot(s: &Service) -> ServiceSnapshot {
         stable: st.stable,
         candidate_percent: bp_to_percent(st.candidate_bp),
         drained: st.drained,
+        rollout_step: st.rollout.as_ref().map(|r| r.step),
+        rolled_back: st.rolled_back.as_ref().map(|l| l.reason.clone()),
         down: s
             .pools
             .iter()
@@ -366,6 +378,8 @@ pub fn restore(table: &mut RoutingTable, state: &PersistedState) -> Vec<String> 
         };
         svc.split.stable = st.stable;
         svc.split.candidate_bp = st.candidate_bp.min(crate::split::BUCKETS);
+        svc.rollout = st.rollout.clone();
+        svc.rolled_back = st.rolled_back.clone();
         for c in [Color::Blue, Color::Green] {
             let pool = svc.pool_mut(c);
             for e in pool.endpoints.iter_mut() {

@@ -74,6 +74,36 @@ impl Pool {
     }
 }
 
+/// A progressive rollout in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutState {
+    /// Index into `steps` of the live step.
+    pub step: usize,
+    /// The plan's shares in basis points, as it was when the rollout started.
+    pub steps: Vec<u16>,
+    /// When the live step began (Unix ms): its hold is measured from here,
+    /// across restarts.
+    pub step_started_ms: u64,
+    /// Set while paused; the hold does not run meanwhile.
+    pub paused_at_ms: Option<u64>,
+}
+
+impl RolloutState {
+    /// How long the live step has held at `now_ms`, pauses excluded.
+    pub fn held_ms(&self, now_ms: u64) -> u64 {
+        let end = self.paused_at_ms.unwrap_or(now_ms);
+        end.saturating_sub(self.step_started_ms)
+    }
+}
+
+/// Why and when automatic rollback moved traffic back; stays until an
+/// operator acts (split, promote, rollback, rollout start).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackLatch {
+    pub reason: String,
+    pub at_ms: u64,
+}
+
 /// A service in a snapshot.
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -85,6 +115,8 @@ pub struct Service {
     /// `[blue, green]`.
     pub pools: [Pool; 2],
     pub config: Arc<ServiceConfig>,
+    pub rollout: Option<RolloutState>,
+    pub rolled_back: Option<RollbackLatch>,
 }
 
 impl Service {
@@ -173,7 +205,7 @@ impl RoutingTable {
                 let prev_pool = prev.map(|s| s.pool(color));
                 let metrics = match prev_pool {
                     Some(p) => p.metrics.clone(),
-                    None => Arc::new(metrics.pool(&sc.name, color)),
+                    None => Arc::new(metrics.pool(&sc.name, color, sc.rollback.bucket)),
                 };
                 let mut endpoints = Vec::with_capacity(pc.endpoints.len());
                 for &addr in &pc.endpoints {
@@ -216,6 +248,8 @@ impl RoutingTable {
                 color_header: sc.color_header.clone(),
                 pools,
                 config: Arc::new(sc.clone()),
+                rollout: prev.and_then(|p| p.rollout.clone()),
+                rolled_back: prev.and_then(|p| p.rolled_back.clone()),
             });
         }
         let listener_names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
@@ -273,7 +307,84 @@ impl RoutingTable {
     pub fn with_command(&self, cmd: &Command) -> Result<Option<RoutingTable>, TableError> {
         let idx = self.service_index(cmd.service())?;
         let mut svc = self.services[idx].clone();
+        let invalid = |reason: &str| TableError::Invalid {
+            field: "rollout".into(),
+            reason: reason.into(),
+        };
         let changed = match cmd {
+            Command::AutoRollback { to_bp, reason, at_ms, .. } => {
+                svc.split.candidate_bp = (*to_bp).min(svc.split.candidate_bp);
+                svc.rollout = None;
+                svc.rolled_back = Some(RollbackLatch {
+                    reason: reason.clone(),
+                    at_ms: *at_ms,
+                });
+                true
+            }
+            Command::RolloutStart { steps, at_ms, .. } => {
+                if svc.rollout.is_some() {
+                    return Err(invalid("a rollout is already running"));
+                }
+                let Some(&first) = steps.first() else {
+                    return Err(invalid("the plan has no steps"));
+                };
+                svc.rollout = Some(RolloutState {
+                    step: 0,
+                    steps: steps.clone(),
+                    step_started_ms: *at_ms,
+                    paused_at_ms: None,
+                });
+                svc.rolled_back = None;
+                svc.split.candidate_bp = first;
+                true
+            }
+            Command::RolloutAdvance { step, at_ms, .. } => {
+                let Some(r) = svc.rollout.as_mut() else {
+                    return Err(invalid("no rollout is running"));
+                };
+                if *step != r.step + 1 || *step >= r.steps.len() {
+                    return Err(invalid("a rollout advances one step at a time"));
+                }
+                let bp = r.steps[*step];
+                if bp >= BUCKETS {
+                    // The final step promotes: the candidate becomes stable.
+                    svc.split.stable = svc.split.stable.other();
+                    svc.split.candidate_bp = 0;
+                    svc.rollout = None;
+                } else {
+                    r.step = *step;
+                    r.step_started_ms = *at_ms;
+                    svc.split.candidate_bp = bp;
+                }
+                true
+            }
+            Command::RolloutPause { at_ms, .. } => match svc.rollout.as_mut() {
+                None => return Err(invalid("no rollout is running")),
+                Some(r) if r.paused_at_ms.is_some() => false,
+                Some(r) => {
+                    r.paused_at_ms = Some(*at_ms);
+                    true
+                }
+            },
+            Command::RolloutResume { at_ms, .. } => match svc.rollout.as_mut() {
+                None => return Err(invalid("no rollout is running")),
+                Some(r) => match r.paused_at_ms.take() {
+                    None => false,
+                    Some(p) => {
+                        // The time spent paused does not count as hold.
+                        r.step_started_ms += at_ms.saturating_sub(p);
+                        true
+                    }
+                },
+            },
+            Command::RolloutAbort { .. } => {
+                if svc.rollout.is_none() {
+                    return Err(invalid("no rollout is running"));
+                }
+                svc.rollout = None;
+                svc.split.candidate_bp = 0;
+                true
+            }
             Command::SetSplit { candidate_bp, .. } => {
                 if *candidate_bp > BUCKETS {
                     return Err(TableError::Invalid {
@@ -284,19 +395,28 @@ impl RoutingTable {
                         ),
                     });
                 }
-                let changed = svc.split.candidate_bp != *candidate_bp;
+                let changed = svc.split.candidate_bp != *candidate_bp
+                    || svc.rollout.is_some()
+                    || svc.rolled_back.is_some();
                 svc.split.candidate_bp = *candidate_bp;
+                // An operator's hand ends a running rollout and clears a
+                // rollback latch: what they set is what stays.
+                svc.rollout = None;
+                svc.rolled_back = None;
                 changed
             }
             Command::Promote { .. } => {
                 // The candidate takes all traffic and becomes the stable color.
                 svc.split.stable = svc.split.stable.other();
                 svc.split.candidate_bp = 0;
+                svc.rollout = None;
+                svc.rolled_back = None;
                 true
             }
             Command::Rollback { .. } => {
-                let changed = svc.split.candidate_bp != 0;
+                let changed = svc.split.candidate_bp != 0 || svc.rollout.is_some();
                 svc.split.candidate_bp = 0;
+                svc.rollout = None;
                 changed
             }
             Command::SetDrained { addr, drained, .. } => {
@@ -390,6 +510,26 @@ pub enum Command {
         addr: SocketAddr,
         healthy: bool,
     },
+    /// The rollback policy moves the candidate's share down to `to_bp` (0,
+    /// or the next step down) and latches the service.
+    AutoRollback {
+        service: String,
+        to_bp: u16,
+        reason: String,
+        at_ms: u64,
+    },
+    /// Starts a rollout at its first step.
+    RolloutStart {
+        service: String,
+        steps: Vec<u16>,
+        at_ms: u64,
+    },
+    /// Moves a rollout to `step` (the next one); the last step promotes.
+    RolloutAdvance { service: String, step: usize, at_ms: u64 },
+    RolloutPause { service: String, at_ms: u64 },
+    RolloutResume { service: String, at_ms: u64 },
+    /// Ends a rollout; the stable color takes 100 %.
+    RolloutAbort { service: String, reason: String },
 }
 
 impl Command {
@@ -401,7 +541,14 @@ impl Command {
             Command::Rollback { .. } => "rollback",
             Command::SetDrained { drained: true, .. } => "drain",
             Command::SetDrained { drained: false, .. } => "undrain",
-            Command::SetHealth { .. } => "set_health",
+            Command::SetHealth { healthy: true, .. } => "endpoint_up",
+            Command::SetHealth { healthy: false, .. } => "endpoint_down",
+            Command::AutoRollback { .. } => "auto_rollback",
+            Command::RolloutStart { .. } => "rollout_start",
+            Command::RolloutAdvance { .. } => "rollout_step",
+            Command::RolloutPause { .. } => "rollout_pause",
+            Command::RolloutResume { .. } => "rollout_resume",
+            Command::RolloutAbort { .. } => "rollout_abort",
         }
     }
 
@@ -411,7 +558,13 @@ impl Command {
             | Command::Promote { service }
             | Command::Rollback { service }
             | Command::SetDrained { service, .. }
-            | Command::SetHealth { service, .. } => service,
+            | Command::SetHealth { service, .. }
+            | Command::AutoRollback { service, .. }
+            | Command::RolloutStart { service, .. }
+            | Command::RolloutAdvance { service, .. }
+            | Command::RolloutPause { service, .. }
+            | Command::RolloutResume { service, .. }
+            | Command::RolloutAbort { service, .. } => service,
         }
     }
 }
@@ -638,6 +791,9 @@ impl Table {
 fn publish_gauges(m: &Metrics, t: &RoutingTable) {
     m.table_generation.set(t.generation as i64);
     for s in &t.services {
+        m.rollout_step
+            .with_label_values(&[&s.name])
+            .set(s.rollout.as_ref().map_or(-1, |r| r.step as i64));
         m.candidate_share
             .with_label_values(&[&s.name])
             .set(f64::from(s.split.candidate_bp) / f64::from(BUCKETS));
