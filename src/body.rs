@@ -160,6 +160,8 @@ struct UpstreamPart {
     start: Instant,
     status: u16,
     complete: bool,
+    /// The upstream body broke mid-way.
+    failed: bool,
 }
 
 impl RequestGuard {
@@ -189,14 +191,19 @@ impl RequestGuard {
             start,
             status: 502,
             complete: false,
+            failed: false,
         });
     }
 
-    /// Moves accounting to another endpoint (a retry).
+    /// Moves accounting to another endpoint (a retry). The failed attempt
+    /// still counts against its endpoint and color: retries must not hide a
+    /// dead candidate from the rollback analysis.
     pub fn detach_upstream(&mut self) {
         if let Some(u) = self.upstream.take() {
             u.upstream.in_flight_dec();
             u.metrics.in_flight.dec();
+            u.upstream.record_outcome(true);
+            u.metrics.window.record(Instant::now(), true, u.start.elapsed());
         }
     }
 
@@ -219,6 +226,7 @@ impl RequestGuard {
         if let Some(u) = self.upstream.as_mut() {
             if !u.complete {
                 u.metrics.count_error(ErrorKind::Reset);
+                u.failed = true;
             }
         }
     }
@@ -231,7 +239,14 @@ impl Drop for RequestGuard {
             u.upstream.in_flight_dec();
             u.metrics.in_flight.dec();
             u.metrics.count_status(u.status);
-            u.metrics.duration.observe(u.start.elapsed().as_secs_f64());
+            let now = Instant::now();
+            let elapsed = now.saturating_duration_since(u.start);
+            u.metrics.duration.observe(elapsed.as_secs_f64());
+            // 5xx (ours or the upstream's) and broken bodies are failures;
+            // 4xx are the client's business and never count.
+            let failed = u.status >= 500 || u.failed;
+            u.upstream.record_outcome(failed);
+            u.metrics.window.record(now, failed, elapsed);
             if u.complete {
                 if let Some(p) = u.pooled {
                     u.upstream.check_in(p);

@@ -68,6 +68,7 @@ pub mod control;
 pub mod ctl;
 pub mod demo;
 pub mod headers;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -115,6 +115,8 @@ pub struct Upstream {
     pub settings: UpstreamSettings,
     tls: Option<UpstreamTlsConfig>,
     in_flight: AtomicU32,
+    /// Consecutive failed requests (passive health); 0 after any success.
+    failures: AtomicU32,
     idle: ArrayQueue<Idle>,
     h2: ArcSwapOption<http2::SendRequest<ReqBody>>,
     h2_connect: tokio::sync::Mutex<()>,
@@ -132,6 +134,7 @@ impl Upstream {
             settings,
             tls,
             in_flight: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
             h2: ArcSwapOption::empty(),
             h2_connect: tokio::sync::Mutex::new(()),
         }
@@ -149,6 +152,27 @@ impl Upstream {
 
     pub(crate) fn in_flight_dec(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Records a finished request for passive health: a failure (connect
+    /// error, timeout, reset, 5xx) counts up, anything else resets.
+    #[inline]
+    pub fn record_outcome(&self, failed: bool) {
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        } else if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Consecutive failures so far.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Starts counting afresh (after an ejection).
+    pub fn reset_failures(&self) {
+        self.failures.store(0, Ordering::Relaxed);
     }
 
     /// Idle HTTP/1.1 connections held.
