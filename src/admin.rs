@@ -22,6 +22,9 @@
 //! | POST | `/v1/services/{name}/rollback` | same | result |
 //! | POST | `/v1/services/{name}/endpoints/{addr}/drain` | same | result |
 //! | POST | `/v1/services/{name}/endpoints/{addr}/undrain` | same | result |
+//! | POST | `/v1/services/{name}/rollout/start` | `{"if_generation"?, "reason"?}` | runs preflight, starts the plan; 422 if preflight fails |
+//! | POST | `/v1/services/{name}/rollout/pause`, `/resume`, `/abort` | same | result |
+//! | GET | `/v1/services/{name}/rollout` | | the rollout's state and the rollback latch |
 //! | GET | `/v1/events?since=N&limit=M` | | audit events with `seq > N` |
 //! | POST | `/v1/reload` | | re-reads the config file |
 //! | GET | `/v1/table` | | the whole live snapshot |
@@ -31,7 +34,7 @@
 //! (bad JSON or value), 401/403 (auth), 404 (unknown service, endpoint or
 //! path), 405 (method), 408 (slow request), 409 (`if_generation` is stale:
 //! nothing changed; the body carries `current_generation`), 413 (body too
-//! large).
+//! large), 422 (a rollout's preflight failed: nothing moved).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -52,7 +55,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{bp_to_percent, percent_to_bp, AdminConfig, Color, Role, Sticky};
-use crate::control::Controller;
+use crate::control::{Controller, RolloutError, RolloutOp};
 use crate::split::constant_time_eq;
 use crate::table::{Applied, Change, Command, Origin, Service, TableError};
 
@@ -460,6 +463,49 @@ async fn handle(
             };
             apply(ctl, cmd, b.if_generation, b.reason, &actor)
         }
+        ["v1", "services", name, "rollout"] => only(m, Method::GET, || {
+            let t = ctl.table.load();
+            match t.service(name) {
+                Some(s) => {
+                    let v = service_json(s, t.generation);
+                    reply(StatusCode::OK, json!({
+                        "service": &*s.name,
+                        "generation": t.generation,
+                        "candidate_percent": v["candidate_percent"],
+                        "rollout": v["rollout"],
+                        "rolled_back": v["rolled_back"],
+                        "plan": s.config.rollout.as_ref().map(|p| json!({
+                            "steps": p.steps.iter().map(|b| bp_to_percent(*b)).collect::<Vec<_>>(),
+                            "hold": crate::config::format_duration(p.hold),
+                            "min_requests": p.min_requests,
+                            "preflight_checks": p.preflight.len(),
+                        })),
+                    }))
+                }
+                None => error(StatusCode::NOT_FOUND, &format!("no service named `{name}`"), Some("service")),
+            }
+        }),
+        ["v1", "services", name, "rollout", op @ ("start" | "pause" | "resume" | "abort")] => {
+            if m != Method::POST {
+                return error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None);
+            }
+            let b = match parse_optional(&body) {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let op = match *op {
+                "start" => RolloutOp::Start,
+                "pause" => RolloutOp::Pause,
+                "resume" => RolloutOp::Resume,
+                _ => RolloutOp::Abort,
+            };
+            match ctl.rollout(name, op, &actor, b.if_generation, b.reason).await {
+                Ok(applied) => applied_reply(ctl, name, applied),
+                Err(RolloutError::Table(e)) => table_error(e),
+                Err(e @ RolloutError::NoPlan(_)) => error(StatusCode::BAD_REQUEST, &e.to_string(), Some("rollout")),
+                Err(e @ RolloutError::Preflight(_)) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string(), Some("preflight")),
+            }
+        }
         ["v1", "services", name, "endpoints", addr, action @ ("drain" | "undrain")] => {
             if m != Method::POST {
                 return error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None);
@@ -527,19 +573,24 @@ fn apply(
         .if_generation(if_generation)
         .reason(reason);
     match ctl.table.apply(change) {
-        Ok(applied) => {
-            let (result, generation) = match applied {
-                Applied::Changed { generation } => ("applied", generation),
-                Applied::NoChange { generation } => ("no_change", generation),
-            };
-            let t = ctl.table.load();
-            let svc = t.service(&service).map(|s| service_json(s, t.generation));
-            reply(
-                StatusCode::OK,
-                json!({ "result": result, "generation": generation, "service": svc }),
-            )
-        }
-        Err(TableError::StaleGeneration { expected, current }) => reply(
+        Ok(applied) => applied_reply(ctl, &service, applied),
+        Err(e) => table_error(e),
+    }
+}
+
+fn applied_reply(ctl: &Controller, service: &str, applied: Applied) -> Resp {
+    let (result, generation) = match applied {
+        Applied::Changed { generation } => ("applied", generation),
+        Applied::NoChange { generation } => ("no_change", generation),
+    };
+    let t = ctl.table.load();
+    let svc = t.service(service).map(|s| service_json(s, t.generation));
+    reply(StatusCode::OK, json!({ "result": result, "generation": generation, "service": svc }))
+}
+
+fn table_error(e: TableError) -> Resp {
+    match e {
+        TableError::StaleGeneration { expected, current } => reply(
             StatusCode::CONFLICT,
             json!({
                 "error": format!("stale generation: you sent {expected}, the live table is {current}; nothing changed"),
@@ -547,15 +598,9 @@ fn apply(
                 "current_generation": current,
             }),
         ),
-        Err(e @ TableError::UnknownService(_)) => {
-            error(StatusCode::NOT_FOUND, &e.to_string(), Some("service"))
-        }
-        Err(e @ TableError::UnknownEndpoint { .. }) => {
-            error(StatusCode::NOT_FOUND, &e.to_string(), Some("address"))
-        }
-        Err(TableError::Invalid { field, reason }) => {
-            error(StatusCode::BAD_REQUEST, &reason, Some(&field))
-        }
+        e @ TableError::UnknownService(_) => error(StatusCode::NOT_FOUND, &e.to_string(), Some("service")),
+        e @ TableError::UnknownEndpoint { .. } => error(StatusCode::NOT_FOUND, &e.to_string(), Some("address")),
+        TableError::Invalid { field, reason } => error(StatusCode::BAD_REQUEST, &reason, Some(&field)),
     }
 }
 
@@ -687,6 +732,20 @@ pub fn service_json(s: &Service, generation: u64) -> Value {
         "path_prefix": s.path_prefix,
         "sticky": sticky,
         "pools": { "blue": pool(Color::Blue), "green": pool(Color::Green) },
-        "rollout": Value::Null,
+        "rollout": s.rollout.as_ref().map(|r| {
+            let now = crate::rollout::unix_ms();
+            json!({
+                "step": r.step,
+                "steps": r.steps.iter().map(|b| bp_to_percent(*b)).collect::<Vec<_>>(),
+                "percent": bp_to_percent(r.steps[r.step.min(r.steps.len() - 1)]),
+                "held_seconds": r.held_ms(now) as f64 / 1000.0,
+                "hold_seconds": s.config.rollout.as_ref().map(|p| p.hold.as_secs_f64()),
+                "paused": r.paused_at_ms.is_some(),
+            })
+        }),
+        "rolled_back": s.rolled_back.as_ref().map(|l| json!({
+            "reason": l.reason,
+            "at": humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(l.at_ms)).to_string(),
+        })),
     })
 }

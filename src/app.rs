@@ -62,6 +62,8 @@ impl App {
             .await
             .map_err(|e| e.to_string())?;
         let controller = Arc::new(Controller::new(&server, store, config.clone(), config_path));
+        crate::health::spawn_supervisor(server.table.clone(), server.shutdown_token());
+        crate::rollout::spawn_driver(server.table.clone(), server.shutdown_token());
         let admin = match &config.admin {
             Some(a) => Some(
                 admin::start(a, controller.clone(), server.shutdown_token())

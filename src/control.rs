@@ -31,6 +31,26 @@ pub enum ReloadError {
     Table(String),
 }
 
+/// Why a rollout operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("service `{0}` has no [service.rollout] plan in the config")]
+    NoPlan(String),
+    #[error("preflight failed, no traffic moved: {0}")]
+    Preflight(String),
+    #[error("{0}")]
+    Table(#[from] crate::table::TableError),
+}
+
+/// A rollout operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutOp {
+    Start,
+    Pause,
+    Resume,
+    Abort,
+}
+
 /// Shared control-plane state.
 #[derive(Debug)]
 pub struct Controller {
@@ -63,6 +83,64 @@ impl Controller {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Starts, pauses, resumes or aborts a service's rollout. A start runs
+    /// the plan's preflight requests against every candidate endpoint first;
+    /// any failure refuses the start with the details and moves nothing.
+    pub async fn rollout(
+        &self,
+        service: &str,
+        op: RolloutOp,
+        actor: &str,
+        if_generation: Option<u64>,
+        reason: Option<String>,
+    ) -> Result<crate::table::Applied, RolloutError> {
+        use crate::rollout::unix_ms;
+        use crate::table::{Change, Command, TableError};
+        let t = self.table.load();
+        let svc = t
+            .service(service)
+            .ok_or_else(|| TableError::UnknownService(service.to_string()))?;
+        let name = service.to_string();
+        let cmd = match op {
+            RolloutOp::Start => {
+                let plan = svc
+                    .config
+                    .rollout
+                    .clone()
+                    .ok_or_else(|| RolloutError::NoPlan(name.clone()))?;
+                let candidate = svc.pool(svc.split.candidate());
+                let endpoints: Vec<_> = candidate.endpoints.iter().map(|e| e.addr).collect();
+                drop(t);
+                if let Err(failures) = crate::preflight::run(&plan.preflight, &endpoints).await {
+                    self.store.note(
+                        Origin::Rollout,
+                        actor,
+                        "rollout_preflight_failed",
+                        Some(service),
+                        self.table.load().generation,
+                        Some(failures.clone()),
+                    );
+                    return Err(RolloutError::Preflight(failures));
+                }
+                Command::RolloutStart {
+                    service: name,
+                    steps: plan.steps,
+                    at_ms: unix_ms(),
+                }
+            }
+            RolloutOp::Pause => Command::RolloutPause { service: name, at_ms: unix_ms() },
+            RolloutOp::Resume => Command::RolloutResume { service: name, at_ms: unix_ms() },
+            RolloutOp::Abort => Command::RolloutAbort {
+                service: name,
+                reason: reason.clone().unwrap_or_else(|| "aborted by an operator".into()),
+            },
+        };
+        let change = Change::new(cmd, Origin::Operator, actor)
+            .if_generation(if_generation)
+            .reason(reason);
+        Ok(self.table.apply(change)?)
     }
 
     /// Re-reads the config file and applies it; returns the new generation.

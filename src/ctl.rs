@@ -29,6 +29,8 @@ pub enum Verb {
     Undrain { service: String, addr: String },
     Events { since: u64 },
     Reload,
+    /// `op` is start, pause, resume, abort or status.
+    Rollout { op: String, service: String },
 }
 
 /// Options shared by mutating verbs.
@@ -93,6 +95,14 @@ fn request_for(verb: &Verb, opts: &Options) -> (Method, String, Option<Value>) {
         Verb::Status => (Method::GET, "/v1/status".into(), None),
         Verb::Events { since } => (Method::GET, format!("/v1/events?since={since}"), None),
         Verb::Reload => (Method::POST, "/v1/reload".into(), None),
+        Verb::Rollout { op, service } if op == "status" => {
+            (Method::GET, format!("/v1/services/{service}/rollout"), None)
+        }
+        Verb::Rollout { op, service } => (
+            Method::POST,
+            format!("/v1/services/{service}/rollout/{op}"),
+            Some(change()),
+        ),
         Verb::Split { service, percent } => {
             let mut b = change();
             b["candidate_percent"] = json!(percent);
@@ -206,6 +216,7 @@ fn print_human(verb: &Verb, v: &Value) {
         Verb::Status => print_status(v),
         Verb::Events { .. } => print_events(v),
         Verb::Reload => println!("reloaded: generation {}", v["generation"]),
+        Verb::Rollout { op, .. } if op == "status" => print_rollout(v),
         _ => {
             let result = v["result"].as_str().unwrap_or("?");
             let what = if result == "no_change" {
@@ -271,6 +282,33 @@ fn print_services(services: &[Value]) {
                 );
             }
         }
+    }
+}
+
+fn print_rollout(v: &Value) {
+    println!(
+        "{}: candidate at {:.2}%  (generation {})",
+        v["service"].as_str().unwrap_or(""),
+        v["candidate_percent"].as_f64().unwrap_or(0.0),
+        v["generation"]
+    );
+    match &v["rollout"] {
+        Value::Null => println!("no rollout running"),
+        r => println!(
+            "rollout: step {} of {} ({}%), held {:.0}s of {:.0}s{}",
+            r["step"].as_u64().unwrap_or(0) + 1,
+            r["steps"].as_array().map_or(0, |a| a.len()),
+            r["percent"],
+            r["held_seconds"].as_f64().unwrap_or(0.0),
+            r["hold_seconds"].as_f64().unwrap_or(0.0),
+            if r["paused"].as_bool() == Some(true) { "  PAUSED" } else { "" }
+        ),
+    }
+    if let Some(reason) = v["rolled_back"]["reason"].as_str() {
+        println!("ROLLED BACK at {}: {reason}", v["rolled_back"]["at"].as_str().unwrap_or(""));
+    }
+    if let Some(plan) = v["plan"].as_object() {
+        println!("plan: steps {} hold {} ({} preflight checks)", plan["steps"], plan["hold"], plan["preflight_checks"]);
     }
 }
 

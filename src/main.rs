@@ -117,6 +117,26 @@ enum CtlVerb {
     },
     /// Re-read the config file (the live split is kept).
     Reload,
+    /// Drive SERVICE's progressive rollout (the plan is in its config).
+    Rollout {
+        #[arg(value_enum)]
+        op: RolloutVerb,
+        service: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RolloutVerb {
+    /// Run the preflight checks, then start at the plan's first step.
+    Start,
+    /// Stop the hold timer; the share stays where it is.
+    Pause,
+    /// Continue the hold timer.
+    Resume,
+    /// End the rollout; the stable color takes 100%.
+    Abort,
+    /// Show the step, the hold and any rollback latch.
+    Status,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -293,6 +313,10 @@ fn ctl(args: CtlArgs) -> ExitCode {
         },
         CtlVerb::Events { since } => Verb::Events { since },
         CtlVerb::Reload => Verb::Reload,
+        CtlVerb::Rollout { op, service } => Verb::Rollout {
+            op: format!("{op:?}").to_lowercase(),
+            service,
+        },
     };
     let opts = Options {
         reason: args.reason,

@@ -85,6 +85,9 @@ pub struct ConnCtx {
     pub tls: bool,
     pub activity: Arc<ConnActivity>,
     pub stops: crate::server::Stops,
+    /// The connection's slot under `max_connections`; an upgraded tunnel
+    /// keeps a clone so it stays counted until it closes.
+    pub slot: Arc<crate::server::ConnSlot>,
 }
 
 /// Handles one request. Never fails: every error is a response.
@@ -307,11 +310,13 @@ fn respond(
             (Some(client), Some(upstream)) => {
                 let hard = conn.stops.hard.clone();
                 let name = svc.name.clone();
+                let slot = conn.slot.clone();
                 conn.stops.tracker.spawn(async move {
                     tokio::select! {
                         _ = tunnel(client, upstream, name) => {}
                         _ = hard.cancelled() => {}
                     }
+                    drop(slot);
                 });
             }
             _ => {

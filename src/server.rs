@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -336,8 +336,7 @@ async fn accept_loop(
         };
         let tls = tls.clone();
         tracker.spawn(async move {
-            conn.run(stream, peer, tls).await;
-            drop(permit);
+            conn.run(stream, peer, tls, permit).await;
         });
     }
     tracing::debug!(listener = %ctx.config.name, "accept loop stopped");
@@ -350,19 +349,35 @@ struct Connection {
     stops: Stops,
 }
 
-/// Keeps `cyan_connections_open` right however the task ends.
-struct OpenGuard(prometheus::IntGauge);
+/// A client connection's place under `max_connections` and in
+/// `cyan_connections_open`, released however the connection ends. Shared with
+/// an upgraded tunnel (WebSocket), which outlives hyper's connection future
+/// but is still the client's open socket: the slot frees when both are done.
+#[derive(Debug)]
+pub struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    open: prometheus::IntGauge,
+}
 
-impl Drop for OpenGuard {
+impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.0.dec();
+        self.open.dec();
     }
 }
 
 impl Connection {
-    async fn run(self, mut stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) {
+    async fn run(
+        self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<TlsAcceptor>,
+        permit: OwnedSemaphorePermit,
+    ) {
         self.ctx.connections_open.inc();
-        let _open = OpenGuard(self.ctx.connections_open.clone());
+        let slot = Arc::new(ConnSlot {
+            _permit: permit,
+            open: self.ctx.connections_open.clone(),
+        });
         let _ = stream.set_nodelay(true);
         let lc = &self.ctx.config;
         let mut client = peer;
@@ -388,6 +403,7 @@ impl Connection {
             tls: tls.is_some(),
             activity: Arc::new(ConnActivity::default()),
             stops: self.stops.clone(),
+            slot,
         });
         match tls {
             None => self.serve(stream, conn).await,
