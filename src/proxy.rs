@@ -146,7 +146,14 @@ async fn forward(
     let client_ip = headers::client_ip(req.headers(), conn.peer.ip(), &conn.listener.config);
     let (color, _reason) = svc.split.choose(req.headers(), client_ip);
     let pool = svc.pool(color);
-    let Some(idx) = pool.pick(None) else {
+    // Every endpoint of the chosen pool out: the other color takes the
+    // request when it can (service `fallback`, on by default).
+    let picked = match pool.pick(None) {
+        Some(i) => Some((color, i)),
+        None if svc.config.fallback => svc.pool(color.other()).pick(None).map(|i| (color.other(), i)),
+        None => None,
+    };
+    let Some((color, idx)) = picked else {
         tracing::warn!(service = %svc.name, %color, "no eligible endpoint");
         let mut resp = text_response(
             StatusCode::SERVICE_UNAVAILABLE,

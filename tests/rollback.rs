@@ -160,7 +160,10 @@ async fn failing_green_is_rolled_back_within_three_seconds() {
         latch.reason
     );
     assert!(latch.reason.contains('%'), "the numbers that tripped it: {}", latch.reason);
-    assert_eq!(metric(&app.server, "cyan_rollbacks_total", &["service=\"gateway\""]), 1.0);
+    // The counter moves once the change is persisted (a few ms after the swap).
+    assert!(
+        eventually(Duration::from_secs(1), || metric(&app.server, "cyan_rollbacks_total", &["service=\"gateway\""]) == 1.0).await
+    );
 
     // Green recovers: no flapping back, the latch holds until an operator acts.
     g.force_status.store(0, Ordering::SeqCst);
