@@ -21,6 +21,12 @@ pub struct App {
     pub server: Server,
     pub controller: Arc<Controller>,
     pub admin: Option<AdminServer>,
+    /// The metrics/health listener's address, when configured.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `/readyz`: true once serving, false from the start of the drain.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Stops the metrics listener after the drain (it answers 503 meanwhile).
+    metrics_stop: tokio_util::sync::CancellationToken,
 }
 
 impl App {
@@ -72,16 +78,34 @@ impl App {
             ),
             None => None,
         };
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let metrics_stop = tokio_util::sync::CancellationToken::new();
+        let metrics_addr = match config.metrics_listen {
+            Some(addr) => Some(
+                crate::observe::start(addr, server.metrics.clone(), ready.clone(), metrics_stop.clone())
+                    .await
+                    .map_err(|e| format!("metrics listener {addr}: {e}"))?,
+            ),
+            None => None,
+        };
+        // Config loaded, listeners bound, state restored: ready.
+        ready.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(App {
             server,
             controller,
             admin,
+            metrics_addr,
+            ready,
+            metrics_stop,
         })
     }
 
-    /// Drains and stops; the admin socket file is removed.
+    /// Drains and stops; the admin socket file is removed. Readiness flips
+    /// first so load balancers stop sending new connections.
     pub async fn shutdown(self) -> DrainReport {
+        self.ready.store(false, std::sync::atomic::Ordering::SeqCst);
         let report = self.server.shutdown().await;
+        self.metrics_stop.cancel();
         if let Some(path) = self.admin.as_ref().and_then(|a| a.socket.as_ref()) {
             let _ = std::fs::remove_file(path);
         }

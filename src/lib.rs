@@ -70,6 +70,7 @@ pub mod demo;
 pub mod headers;
 pub mod health;
 pub mod metrics;
+pub mod observe;
 pub mod preflight;
 pub mod proxy;
 pub mod proxy_protocol;
