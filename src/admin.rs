@@ -435,7 +435,7 @@ async fn handle(
             }
             let b: SplitBody = match parse(&body) {
                 Ok(b) => b,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let bp = match percent_to_bp(b.candidate_percent) {
                 Ok(bp) => bp,
@@ -453,7 +453,7 @@ async fn handle(
             }
             let b = match parse_optional(&body) {
                 Ok(b) => b,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let service = name.to_string();
             let cmd = if *action == "promote" {
@@ -468,21 +468,28 @@ async fn handle(
             match t.service(name) {
                 Some(s) => {
                     let v = service_json(s, t.generation);
-                    reply(StatusCode::OK, json!({
-                        "service": &*s.name,
-                        "generation": t.generation,
-                        "candidate_percent": v["candidate_percent"],
-                        "rollout": v["rollout"],
-                        "rolled_back": v["rolled_back"],
-                        "plan": s.config.rollout.as_ref().map(|p| json!({
-                            "steps": p.steps.iter().map(|b| bp_to_percent(*b)).collect::<Vec<_>>(),
-                            "hold": crate::config::format_duration(p.hold),
-                            "min_requests": p.min_requests,
-                            "preflight_checks": p.preflight.len(),
-                        })),
-                    }))
+                    reply(
+                        StatusCode::OK,
+                        json!({
+                            "service": &*s.name,
+                            "generation": t.generation,
+                            "candidate_percent": v["candidate_percent"],
+                            "rollout": v["rollout"],
+                            "rolled_back": v["rolled_back"],
+                            "plan": s.config.rollout.as_ref().map(|p| json!({
+                                "steps": p.steps.iter().map(|b| bp_to_percent(*b)).collect::<Vec<_>>(),
+                                "hold": crate::config::format_duration(p.hold),
+                                "min_requests": p.min_requests,
+                                "preflight_checks": p.preflight.len(),
+                            })),
+                        }),
+                    )
                 }
-                None => error(StatusCode::NOT_FOUND, &format!("no service named `{name}`"), Some("service")),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    &format!("no service named `{name}`"),
+                    Some("service"),
+                ),
             }
         }),
         ["v1", "services", name, "rollout", op @ ("start" | "pause" | "resume" | "abort")] => {
@@ -491,7 +498,7 @@ async fn handle(
             }
             let b = match parse_optional(&body) {
                 Ok(b) => b,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let op = match *op {
                 "start" => RolloutOp::Start,
@@ -499,11 +506,20 @@ async fn handle(
                 "resume" => RolloutOp::Resume,
                 _ => RolloutOp::Abort,
             };
-            match ctl.rollout(name, op, &actor, b.if_generation, b.reason).await {
+            match ctl
+                .rollout(name, op, &actor, b.if_generation, b.reason)
+                .await
+            {
                 Ok(applied) => applied_reply(ctl, name, applied),
                 Err(RolloutError::Table(e)) => table_error(e),
-                Err(e @ RolloutError::NoPlan(_)) => error(StatusCode::BAD_REQUEST, &e.to_string(), Some("rollout")),
-                Err(e @ RolloutError::Preflight(_)) => error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string(), Some("preflight")),
+                Err(e @ RolloutError::NoPlan(_)) => {
+                    error(StatusCode::BAD_REQUEST, &e.to_string(), Some("rollout"))
+                }
+                Err(e @ RolloutError::Preflight(_)) => error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &e.to_string(),
+                    Some("preflight"),
+                ),
             }
         }
         ["v1", "services", name, "endpoints", addr, action @ ("drain" | "undrain")] => {
@@ -519,7 +535,7 @@ async fn handle(
             };
             let b = match parse_optional(&body) {
                 Ok(b) => b,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let cmd = Command::SetDrained {
                 service: name.to_string(),
@@ -544,16 +560,16 @@ fn only(m: &Method, want: Method, f: impl FnOnce() -> Resp) -> Resp {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Resp> {
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Resp>> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = format!("invalid JSON body: {e}");
         // serde names the offending field in its message; pass it on.
         let field = msg.split('`').nth(1).map(str::to_string);
-        error(StatusCode::BAD_REQUEST, &msg, field.as_deref())
+        Box::new(error(StatusCode::BAD_REQUEST, &msg, field.as_deref()))
     })
 }
 
-fn parse_optional(body: &[u8]) -> Result<ChangeBody, Resp> {
+fn parse_optional(body: &[u8]) -> Result<ChangeBody, Box<Resp>> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         Ok(ChangeBody::default())
     } else {
@@ -585,7 +601,10 @@ fn applied_reply(ctl: &Controller, service: &str, applied: Applied) -> Resp {
     };
     let t = ctl.table.load();
     let svc = t.service(service).map(|s| service_json(s, t.generation));
-    reply(StatusCode::OK, json!({ "result": result, "generation": generation, "service": svc }))
+    reply(
+        StatusCode::OK,
+        json!({ "result": result, "generation": generation, "service": svc }),
+    )
 }
 
 fn table_error(e: TableError) -> Resp {
@@ -598,9 +617,15 @@ fn table_error(e: TableError) -> Resp {
                 "current_generation": current,
             }),
         ),
-        e @ TableError::UnknownService(_) => error(StatusCode::NOT_FOUND, &e.to_string(), Some("service")),
-        e @ TableError::UnknownEndpoint { .. } => error(StatusCode::NOT_FOUND, &e.to_string(), Some("address")),
-        TableError::Invalid { field, reason } => error(StatusCode::BAD_REQUEST, &reason, Some(&field)),
+        e @ TableError::UnknownService(_) => {
+            error(StatusCode::NOT_FOUND, &e.to_string(), Some("service"))
+        }
+        e @ TableError::UnknownEndpoint { .. } => {
+            error(StatusCode::NOT_FOUND, &e.to_string(), Some("address"))
+        }
+        TableError::Invalid { field, reason } => {
+            error(StatusCode::BAD_REQUEST, &reason, Some(&field))
+        }
     }
 }
 

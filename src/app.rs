@@ -82,9 +82,14 @@ impl App {
         let metrics_stop = tokio_util::sync::CancellationToken::new();
         let metrics_addr = match config.metrics_listen {
             Some(addr) => Some(
-                crate::observe::start(addr, server.metrics.clone(), ready.clone(), metrics_stop.clone())
-                    .await
-                    .map_err(|e| format!("metrics listener {addr}: {e}"))?,
+                crate::observe::start(
+                    addr,
+                    server.metrics.clone(),
+                    ready.clone(),
+                    metrics_stop.clone(),
+                )
+                .await
+                .map_err(|e| format!("metrics listener {addr}: {e}"))?,
             ),
             None => None,
         };

@@ -203,7 +203,9 @@ impl RequestGuard {
             u.upstream.in_flight_dec();
             u.metrics.in_flight.dec();
             u.upstream.record_outcome(true);
-            u.metrics.window.record(Instant::now(), true, u.start.elapsed());
+            u.metrics
+                .window
+                .record(Instant::now(), true, u.start.elapsed());
         }
     }
 

@@ -352,9 +352,16 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     /// Cap on the request head (request line + headers); larger heads get 431.
     pub max_header_bytes: usize,
+    /// TLS handshake and PROXY header.
     pub handshake_timeout: Duration,
+    /// The request head must arrive within this (hyper's header timer). It
+    /// also runs while an HTTP/1.1 keep-alive connection waits for its next
+    /// request, so HTTP/1.1 idles at most `min(header_timeout, idle_timeout)`.
     pub header_timeout: Duration,
+    /// No request in flight for this long closes the connection (HTTP/2:
+    /// GOAWAY).
     pub idle_timeout: Duration,
+    /// A request body that delivers nothing for this long fails with 408.
     pub body_idle_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
 }
@@ -1228,11 +1235,31 @@ fn validate_service(
     });
     let color_header = header(p, "color_header", s.color_header);
 
-    let blue = validate_pool(s.blue, &format!("{key}.blue"), &s.upstream, s.health.as_ref(), base, p);
-    let green = validate_pool(s.green, &format!("{key}.green"), &s.upstream, s.health.as_ref(), base, p);
+    let blue = validate_pool(
+        s.blue,
+        &format!("{key}.blue"),
+        &s.upstream,
+        s.health.as_ref(),
+        base,
+        p,
+    );
+    let green = validate_pool(
+        s.green,
+        &format!("{key}.green"),
+        &s.upstream,
+        s.health.as_ref(),
+        base,
+        p,
+    );
     let salt = s.salt.unwrap_or_else(|| s.name.clone());
-    let rollback = validate_rollback(s.rollback.unwrap_or_default(), &format!("{key}.rollback"), p);
-    let rollout = s.rollout.map(|r| validate_rollout(r, &format!("{key}.rollout"), rollback.min_requests, p));
+    let rollback = validate_rollback(
+        s.rollback.unwrap_or_default(),
+        &format!("{key}.rollback"),
+        p,
+    );
+    let rollout = s
+        .rollout
+        .map(|r| validate_rollout(r, &format!("{key}.rollout"), rollback.min_requests, p));
     Some(ServiceConfig {
         name: s.name,
         hosts,
@@ -1268,7 +1295,10 @@ fn validate_health(raw: Option<&RawHealth>, key: &str, p: &mut Problems) -> Heal
         };
         let jitter = h.jitter.unwrap_or(0.1);
         if !(0.0..=0.5).contains(&jitter) {
-            p.push(format!("{key}.jitter"), "must be in 0.0..=0.5 (a fraction of the interval)");
+            p.push(
+                format!("{key}.jitter"),
+                "must be in 0.0..=0.5 (a fraction of the interval)",
+            );
         }
         let expect = h.expect.clone().unwrap_or_default();
         if expect.iter().any(|c| !(100..=599).contains(c)) {
@@ -1279,8 +1309,16 @@ fn validate_health(raw: Option<&RawHealth>, key: &str, p: &mut Problems) -> Heal
         if rise == 0 || fall == 0 {
             p.push(format!("{key}.rise"), "rise and fall must be at least 1");
         }
-        let interval = p.duration(format!("{key}.interval"), h.interval.as_deref(), Duration::from_secs(2));
-        let timeout = p.duration(format!("{key}.timeout"), h.timeout.as_deref(), Duration::from_secs(1));
+        let interval = p.duration(
+            format!("{key}.interval"),
+            h.interval.as_deref(),
+            Duration::from_secs(2),
+        );
+        let timeout = p.duration(
+            format!("{key}.timeout"),
+            h.timeout.as_deref(),
+            Duration::from_secs(1),
+        );
         if timeout > interval {
             p.push(format!("{key}.timeout"), "must not exceed the interval");
         }
@@ -1296,8 +1334,16 @@ fn validate_health(raw: Option<&RawHealth>, key: &str, p: &mut Problems) -> Heal
             fall: fall.max(1),
         }
     });
-    let eject_for = p.duration(format!("{key}.eject_for"), h.eject_for.as_deref(), Duration::from_secs(10));
-    let eject_max = p.duration(format!("{key}.eject_max"), h.eject_max.as_deref(), Duration::from_secs(300));
+    let eject_for = p.duration(
+        format!("{key}.eject_for"),
+        h.eject_for.as_deref(),
+        Duration::from_secs(10),
+    );
+    let eject_max = p.duration(
+        format!("{key}.eject_max"),
+        h.eject_max.as_deref(),
+        Duration::from_secs(300),
+    );
     if eject_max < eject_for {
         p.push(format!("{key}.eject_max"), "must be at least eject_for");
     }
@@ -1350,11 +1396,17 @@ fn validate_rollback(r: RawRollback, key: &str, p: &mut Problems) -> RollbackCon
         }
     }
     if step_down.windows(2).any(|w| w[1] >= w[0]) {
-        p.push(format!("{key}.step_down"), "must be strictly decreasing (e.g. [10, 1])");
+        p.push(
+            format!("{key}.step_down"),
+            "must be strictly decreasing (e.g. [10, 1])",
+        );
     }
     let latency_factor = r.latency_factor.unwrap_or(3.0);
     if latency_factor != 0.0 && latency_factor < 1.0 {
-        p.push(format!("{key}.latency_factor"), "must be 0 (off) or at least 1");
+        p.push(
+            format!("{key}.latency_factor"),
+            "must be 0 (off) or at least 1",
+        );
     }
     let consecutive = r.consecutive.unwrap_or(3);
     if consecutive == 0 {
@@ -1362,14 +1414,23 @@ fn validate_rollback(r: RawRollback, key: &str, p: &mut Problems) -> RollbackCon
     }
     RollbackConfig {
         enabled: r.enabled.unwrap_or(true),
-        bucket: p.duration(format!("{key}.bucket"), r.bucket.as_deref(), Duration::from_secs(1)),
+        bucket: p.duration(
+            format!("{key}.bucket"),
+            r.bucket.as_deref(),
+            Duration::from_secs(1),
+        ),
         evaluate_every: p.duration(
             format!("{key}.evaluate_every"),
             r.evaluate_every.as_deref(),
             Duration::from_millis(250),
         ),
         min_requests: r.min_requests.unwrap_or(20),
-        max_failure_ratio: ratio(p, format!("{key}.max_failure_ratio"), r.max_failure_ratio, 0.05),
+        max_failure_ratio: ratio(
+            p,
+            format!("{key}.max_failure_ratio"),
+            r.max_failure_ratio,
+            0.05,
+        ),
         relative_margin: ratio(p, format!("{key}.relative_margin"), r.relative_margin, 0.02),
         latency_factor,
         latency_floor: p.duration(
@@ -1378,12 +1439,22 @@ fn validate_rollback(r: RawRollback, key: &str, p: &mut Problems) -> RollbackCon
             Duration::from_millis(250),
         ),
         consecutive: consecutive.max(1),
-        min_healthy_fraction: ratio(p, format!("{key}.min_healthy_fraction"), r.min_healthy_fraction, 0.5),
+        min_healthy_fraction: ratio(
+            p,
+            format!("{key}.min_healthy_fraction"),
+            r.min_healthy_fraction,
+            0.5,
+        ),
         step_down,
     }
 }
 
-fn validate_rollout(r: RawRollout, key: &str, min_requests: u64, p: &mut Problems) -> Option<RolloutConfig> {
+fn validate_rollout(
+    r: RawRollout,
+    key: &str,
+    min_requests: u64,
+    p: &mut Problems,
+) -> Option<RolloutConfig> {
     let percents = match (r.steps, r.ramp_step) {
         (Some(s), None) => s,
         (None, Some(step)) if step > 0.0 && step <= 100.0 => {
@@ -1401,7 +1472,10 @@ fn validate_rollout(r: RawRollout, key: &str, min_requests: u64, p: &mut Problem
             return None;
         }
         _ => {
-            p.push(key.to_string(), "set exactly one of steps = [..] or ramp_step = N");
+            p.push(
+                key.to_string(),
+                "set exactly one of steps = [..] or ramp_step = N",
+            );
             return None;
         }
     };
@@ -1417,12 +1491,20 @@ fn validate_rollout(r: RawRollout, key: &str, min_requests: u64, p: &mut Problem
         p.push(format!("{key}.steps"), "must be strictly increasing");
     }
     if steps.last() != Some(&10_000) {
-        p.push(format!("{key}.steps"), "must end at 100 (the final step promotes)");
+        p.push(
+            format!("{key}.steps"),
+            "must end at 100 (the final step promotes)",
+        );
     }
     let mut preflight = Vec::new();
     for (i, pf) in r.preflight.into_iter().enumerate() {
         let k = format!("{key}.preflight[{i}]");
-        let method = match pf.method.as_deref().unwrap_or("GET").parse::<http::Method>() {
+        let method = match pf
+            .method
+            .as_deref()
+            .unwrap_or("GET")
+            .parse::<http::Method>()
+        {
             Ok(m) => m,
             Err(_) => {
                 p.push(format!("{k}.method"), "not an HTTP method");
@@ -1452,7 +1534,11 @@ fn validate_rollout(r: RawRollout, key: &str, min_requests: u64, p: &mut Problem
     }
     Some(RolloutConfig {
         steps,
-        hold: p.duration(format!("{key}.hold"), r.hold.as_deref(), Duration::from_secs(300)),
+        hold: p.duration(
+            format!("{key}.hold"),
+            r.hold.as_deref(),
+            Duration::from_secs(300),
+        ),
         min_requests: r.min_requests.unwrap_or(min_requests),
         preflight,
     })

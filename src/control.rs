@@ -130,11 +130,19 @@ impl Controller {
                     at_ms: unix_ms(),
                 }
             }
-            RolloutOp::Pause => Command::RolloutPause { service: name, at_ms: unix_ms() },
-            RolloutOp::Resume => Command::RolloutResume { service: name, at_ms: unix_ms() },
+            RolloutOp::Pause => Command::RolloutPause {
+                service: name,
+                at_ms: unix_ms(),
+            },
+            RolloutOp::Resume => Command::RolloutResume {
+                service: name,
+                at_ms: unix_ms(),
+            },
             RolloutOp::Abort => Command::RolloutAbort {
                 service: name,
-                reason: reason.clone().unwrap_or_else(|| "aborted by an operator".into()),
+                reason: reason
+                    .clone()
+                    .unwrap_or_else(|| "aborted by an operator".into()),
             },
         };
         let change = Change::new(cmd, Origin::Operator, actor)

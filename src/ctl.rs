@@ -22,15 +22,33 @@ pub enum Target {
 #[derive(Debug, Clone)]
 pub enum Verb {
     Status,
-    Split { service: String, percent: f64 },
-    Promote { service: String },
-    Rollback { service: String },
-    Drain { service: String, addr: String },
-    Undrain { service: String, addr: String },
-    Events { since: u64 },
+    Split {
+        service: String,
+        percent: f64,
+    },
+    Promote {
+        service: String,
+    },
+    Rollback {
+        service: String,
+    },
+    Drain {
+        service: String,
+        addr: String,
+    },
+    Undrain {
+        service: String,
+        addr: String,
+    },
+    Events {
+        since: u64,
+    },
     Reload,
     /// `op` is start, pause, resume, abort or status.
-    Rollout { op: String, service: String },
+    Rollout {
+        op: String,
+        service: String,
+    },
 }
 
 /// Options shared by mutating verbs.
@@ -301,14 +319,24 @@ fn print_rollout(v: &Value) {
             r["percent"],
             r["held_seconds"].as_f64().unwrap_or(0.0),
             r["hold_seconds"].as_f64().unwrap_or(0.0),
-            if r["paused"].as_bool() == Some(true) { "  PAUSED" } else { "" }
+            if r["paused"].as_bool() == Some(true) {
+                "  PAUSED"
+            } else {
+                ""
+            }
         ),
     }
     if let Some(reason) = v["rolled_back"]["reason"].as_str() {
-        println!("ROLLED BACK at {}: {reason}", v["rolled_back"]["at"].as_str().unwrap_or(""));
+        println!(
+            "ROLLED BACK at {}: {reason}",
+            v["rolled_back"]["at"].as_str().unwrap_or("")
+        );
     }
     if let Some(plan) = v["plan"].as_object() {
-        println!("plan: steps {} hold {} ({} preflight checks)", plan["steps"], plan["hold"], plan["preflight_checks"]);
+        println!(
+            "plan: steps {} hold {} ({} preflight checks)",
+            plan["steps"], plan["hold"], plan["preflight_checks"]
+        );
     }
 }
 

@@ -102,7 +102,12 @@ impl EndpointHealth {
     }
 
     /// Feeds the passive consecutive-failure count.
-    pub fn on_passive(&mut self, consecutive: u32, cfg: &HealthConfig, now: Instant) -> Option<Transition> {
+    pub fn on_passive(
+        &mut self,
+        consecutive: u32,
+        cfg: &HealthConfig,
+        now: Instant,
+    ) -> Option<Transition> {
         if cfg.eject_after == 0 || consecutive < cfg.eject_after || self.ejected_until.is_some() {
             return None;
         }
@@ -116,7 +121,10 @@ impl EndpointHealth {
         self.ejections += 1;
         self.ejected_until = Some(now + backoff);
         self.transition(before, now, || {
-            format!("passive: {consecutive} consecutive failures, ejected for {}s", backoff.as_secs_f64())
+            format!(
+                "passive: {consecutive} consecutive failures, ejected for {}s",
+                backoff.as_secs_f64()
+            )
         })
     }
 
@@ -127,10 +135,17 @@ impl EndpointHealth {
         if ok && self.ejected_until.is_some_and(|t| now >= t) {
             self.ejected_until = None;
         }
-        self.transition(before, now, || "passive: back-off over, endpoint answers again".into())
+        self.transition(before, now, || {
+            "passive: back-off over, endpoint answers again".into()
+        })
     }
 
-    fn transition(&mut self, before: bool, now: Instant, why: impl FnOnce() -> String) -> Option<Transition> {
+    fn transition(
+        &mut self,
+        before: bool,
+        now: Instant,
+        why: impl FnOnce() -> String,
+    ) -> Option<Transition> {
         let after = self.healthy();
         if before == after {
             return None;
@@ -153,7 +168,9 @@ impl EndpointHealth {
 /// Sends one probe on a fresh connection; `Ok(status)` or why it failed.
 pub async fn probe(addr: SocketAddr, check: &ActiveCheck) -> Result<u16, String> {
     let fut = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
         let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
@@ -164,11 +181,17 @@ pub async fn probe(addr: SocketAddr, check: &ActiveCheck) -> Result<u16, String>
             .method(check.method.clone())
             .uri(&check.path)
             .header(http::header::HOST, host)
-            .header(http::header::USER_AGENT, concat!("cyan-health/", env!("CARGO_PKG_VERSION")))
+            .header(
+                http::header::USER_AGENT,
+                concat!("cyan-health/", env!("CARGO_PKG_VERSION")),
+            )
             .header(http::header::CONNECTION, "close")
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
-        let resp = tx.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+        let resp = tx
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
         Ok(resp.status().as_u16())
     };
     match tokio::time::timeout(check.timeout, fut).await {
@@ -221,7 +244,9 @@ pub fn spawn_supervisor(table: Arc<Table>, stop: CancellationToken) {
 
 fn on_probe_result(table: &Table, states: &mut HashMap<Key, EndpointHealth>, r: ProbeResult) {
     let t = table.load();
-    let Some(svc) = t.service(&r.key.0) else { return };
+    let Some(svc) = t.service(&r.key.0) else {
+        return;
+    };
     let now = Instant::now();
     if r.readmit {
         if let Some(state) = states.get_mut(&r.key) {
@@ -236,11 +261,22 @@ fn on_probe_result(table: &Table, states: &mut HashMap<Key, EndpointHealth>, r: 
     let metrics = table.metrics();
     metrics
         .health_checks
-        .with_label_values(&[&*r.key.0, r.key.1.as_str(), &r.key.2.to_string(), if r.ok { "success" } else { "failure" }])
+        .with_label_values(&[
+            &*r.key.0,
+            r.key.1.as_str(),
+            &r.key.2.to_string(),
+            if r.ok { "success" } else { "failure" },
+        ])
         .inc();
-    let state = states.entry(r.key.clone()).or_insert_with(|| EndpointHealth::new(now));
+    let state = states
+        .entry(r.key.clone())
+        .or_insert_with(|| EndpointHealth::new(now));
     if let Some(tr) = state.on_probe(r.ok, check, now) {
-        let reason = if r.ok { tr.reason } else { format!("{} (last: {})", tr.reason, r.detail) };
+        let reason = if r.ok {
+            tr.reason
+        } else {
+            format!("{} (last: {})", tr.reason, r.detail)
+        };
         set_health(table, &r.key, tr.healthy, reason);
     }
 }
@@ -272,7 +308,9 @@ fn reconcile(
             for e in &svc.pool(color).endpoints {
                 let key: Key = (svc.name.clone(), color, e.addr);
                 live.push(key.clone());
-                let state = states.entry(key.clone()).or_insert_with(|| EndpointHealth::new(now));
+                let state = states
+                    .entry(key.clone())
+                    .or_insert_with(|| EndpointHealth::new(now));
                 // Passive: the request path's consecutive failure count.
                 let consecutive = e.upstream.consecutive_failures();
                 if let Some(tr) = state.on_passive(consecutive, cfg, now) {
@@ -331,7 +369,12 @@ fn reconcile(
     states.retain(|k, _| live.contains(k));
 }
 
-fn spawn_probe_loop(key: Key, check: ActiveCheck, tx: mpsc::Sender<ProbeResult>, stop: CancellationToken) {
+fn spawn_probe_loop(
+    key: Key,
+    check: ActiveCheck,
+    tx: mpsc::Sender<ProbeResult>,
+    stop: CancellationToken,
+) {
     tokio::spawn(async move {
         loop {
             let jitter = 1.0 + check.jitter * (fastrand::f64() * 2.0 - 1.0);
@@ -416,7 +459,11 @@ mod tests {
         assert_eq!(h.ejected_until, Some(t0 + Duration::from_secs(10)));
         // A probe during the back-off does not re-admit.
         assert_eq!(h.on_probe(true, &c, t0 + Duration::from_secs(5)), None);
-        assert!(h.on_probe(true, &c, t0 + Duration::from_secs(10)).unwrap().healthy);
+        assert!(
+            h.on_probe(true, &c, t0 + Duration::from_secs(10))
+                .unwrap()
+                .healthy
+        );
         // The next ejection lasts twice as long, capped at eject_max.
         let t1 = t0 + Duration::from_secs(11);
         h.on_passive(5, &hc, t1);
@@ -428,7 +475,11 @@ mod tests {
         h.on_probe(true, &c, t2 + Duration::from_secs(40));
         let t3 = t2 + Duration::from_secs(41);
         h.on_passive(9, &hc, t3);
-        assert_eq!(h.ejected_until, Some(t3 + Duration::from_secs(60)), "capped");
+        assert_eq!(
+            h.ejected_until,
+            Some(t3 + Duration::from_secs(60)),
+            "capped"
+        );
         // Healthy for longer than eject_max: the back-off starts over.
         h.on_probe(true, &c, t3 + Duration::from_secs(60));
         let t4 = t3 + Duration::from_secs(200);
@@ -453,7 +504,9 @@ mod tests {
     #[test]
     fn expected_statuses() {
         let mut c = check();
-        assert!(status_ok(&c, 204) && status_ok(&c, 302) && !status_ok(&c, 404) && !status_ok(&c, 503));
+        assert!(
+            status_ok(&c, 204) && status_ok(&c, 302) && !status_ok(&c, 404) && !status_ok(&c, 503)
+        );
         c.expect = vec![200];
         assert!(!status_ok(&c, 204));
     }

@@ -281,7 +281,10 @@ impl Metrics {
         let health_checks = reg(
             &r,
             IntCounterVec::new(
-                Opts::new("cyan_health_checks_total", "Active health probes by result: success, failure."),
+                Opts::new(
+                    "cyan_health_checks_total",
+                    "Active health probes by result: success, failure.",
+                ),
                 &["service", "color", "endpoint", "result"],
             )
             .expect("valid"),
@@ -387,7 +390,8 @@ mod tests {
         ));
         assert!(text.contains("cyan_build_info{version="));
         // A second resolution shares the same series.
-        m.pool("gateway", Color::Green, std::time::Duration::from_secs(1)).count_status(200);
+        m.pool("gateway", Color::Green, std::time::Duration::from_secs(1))
+            .count_status(200);
         assert!(m.render().contains(
             "cyan_requests_total{code_class=\"2xx\",color=\"green\",service=\"gateway\"} 2"
         ));

@@ -60,7 +60,8 @@ pub async fn start(
                     async move { Ok::<_, Infallible>(resp) }
                 });
                 let mut b = hyper::server::conn::http1::Builder::new();
-                b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(5));
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(5));
                 let _ = b.serve_connection(TokioIo::new(stream), svc).await;
                 drop(permit);
             });
@@ -73,12 +74,18 @@ fn answer(req: &Request<Incoming>, metrics: &Metrics, ready: &AtomicBool) -> Res
     let text = |status: StatusCode, body: String, ctype: &'static str| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(ctype),
+        );
         r
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into(), "text/plain");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use GET\n".into(),
+            "text/plain",
+        );
     }
     match req.uri().path() {
         "/metrics" => text(
@@ -91,9 +98,17 @@ fn answer(req: &Request<Incoming>, metrics: &Metrics, ready: &AtomicBool) -> Res
             if ready.load(Ordering::SeqCst) {
                 text(StatusCode::OK, "ready\n".into(), "text/plain")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into(), "text/plain")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready\n".into(),
+                    "text/plain",
+                )
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "try /metrics, /livez or /readyz\n".into(), "text/plain"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try /metrics, /livez or /readyz\n".into(),
+            "text/plain",
+        ),
     }
 }

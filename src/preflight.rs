@@ -27,11 +27,17 @@ pub async fn run(checks: &[Preflight], endpoints: &[SocketAddr]) -> Result<(), S
                         c.expect.contains(&status)
                     };
                     if !ok {
-                        failures.push(format!("{} {} on {addr}: status {status}", c.method, c.path));
+                        failures.push(format!(
+                            "{} {} on {addr}: status {status}",
+                            c.method, c.path
+                        ));
                     }
                 }
                 Ok(Err(e)) => failures.push(format!("{} {} on {addr}: {e}", c.method, c.path)),
-                Err(_) => failures.push(format!("{} {} on {addr}: no answer within {TIMEOUT:?}", c.method, c.path)),
+                Err(_) => failures.push(format!(
+                    "{} {} on {addr}: no answer within {TIMEOUT:?}",
+                    c.method, c.path
+                )),
             }
         }
     }
@@ -61,6 +67,9 @@ async fn send(addr: SocketAddr, c: &Preflight) -> Result<u16, String> {
     }
     let body = Full::new(Bytes::from(c.body.clone().unwrap_or_default()));
     let req = req.body(body).map_err(|e| e.to_string())?;
-    let resp = tx.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+    let resp = tx
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
     Ok(resp.status().as_u16())
 }

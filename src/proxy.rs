@@ -150,7 +150,10 @@ async fn forward(
     // request when it can (service `fallback`, on by default).
     let picked = match pool.pick(None) {
         Some(i) => Some((color, i)),
-        None if svc.config.fallback => svc.pool(color.other()).pick(None).map(|i| (color.other(), i)),
+        None if svc.config.fallback => svc
+            .pool(color.other())
+            .pick(None)
+            .map(|i| (color.other(), i)),
         None => None,
     };
     let Some((color, idx)) = picked else {

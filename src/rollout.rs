@@ -119,7 +119,9 @@ pub fn evaluate(cfg: &RollbackConfig, o: &Observation) -> Verdict {
         }
         if cfg.latency_factor > 0.0 {
             if let (Some(cp), Some(sp)) = (c.p99, s.p99) {
-                if cp > cfg.latency_floor && cp.as_secs_f64() > cfg.latency_factor * sp.as_secs_f64() {
+                if cp > cfg.latency_floor
+                    && cp.as_secs_f64() > cfg.latency_factor * sp.as_secs_f64()
+                {
                     return Verdict::Bad(Trigger {
                         kind: "latency",
                         detail: format!(
@@ -173,7 +175,11 @@ impl Tracker {
 
 /// The share to move to on a rollback from `current`.
 pub fn rollback_target(cfg: &RollbackConfig, current: u16) -> u16 {
-    cfg.step_down.iter().copied().find(|&s| s < current).unwrap_or(0)
+    cfg.step_down
+        .iter()
+        .copied()
+        .find(|&s| s < current)
+        .unwrap_or(0)
 }
 
 /// The next rollout step, if the live one may advance now.
@@ -267,7 +273,12 @@ fn drive_service(
     if let Some(latch) = &svc.rolled_back {
         if bp > 0 {
             let to = rollback_target(cfg, bp);
-            let cmd = Command::AutoRollback { service: name, to_bp: to, reason: latch.reason.clone(), at_ms: now_ms };
+            let cmd = Command::AutoRollback {
+                service: name,
+                to_bp: to,
+                reason: latch.reason.clone(),
+                at_ms: now_ms,
+            };
             let _ = table.apply(Change::new(cmd, Origin::Rollback, "rollback"));
         }
         tracker.consecutive_bad = 0;
@@ -279,7 +290,11 @@ fn drive_service(
         now.checked_sub(held).unwrap_or(now)
     });
     let obs = observe(svc, now, None);
-    let verdict = if bp == 0 { Verdict::Inconclusive } else { evaluate(cfg, &obs) };
+    let verdict = if bp == 0 {
+        Verdict::Inconclusive
+    } else {
+        evaluate(cfg, &obs)
+    };
     if cfg.enabled && bp > 0 {
         match tracker.decide(cfg, &verdict, &obs) {
             Decision::Hold => *both_bad_logged = false,
@@ -287,8 +302,16 @@ fn drive_service(
                 let to = rollback_target(cfg, bp);
                 let reason = format!("{}: {}", trigger.kind, trigger.detail);
                 tracing::error!(service = %svc.name, trigger = trigger.kind, detail = %trigger.detail, to_percent = f64::from(to) / 100.0, "automatic rollback");
-                let cmd = Command::AutoRollback { service: name.clone(), to_bp: to, reason: reason.clone(), at_ms: now_ms };
-                if table.apply(Change::new(cmd, Origin::Rollback, "rollback").reason(Some(reason))).is_ok() {
+                let cmd = Command::AutoRollback {
+                    service: name.clone(),
+                    to_bp: to,
+                    reason: reason.clone(),
+                    at_ms: now_ms,
+                };
+                if table
+                    .apply(Change::new(cmd, Origin::Rollback, "rollback").reason(Some(reason)))
+                    .is_ok()
+                {
                     table
                         .metrics()
                         .rollbacks
@@ -302,7 +325,11 @@ fn drive_service(
                 if !*both_bad_logged {
                     *both_bad_logged = true;
                     tracing::error!(service = %svc.name, trigger = trigger.kind, detail = %trigger.detail, "candidate is failing but the stable color is too: holding traffic where it is");
-                    table.metrics().rollbacks_held.with_label_values(&[&name]).inc();
+                    table
+                        .metrics()
+                        .rollbacks_held
+                        .with_label_values(&[&name])
+                        .inc();
                 }
                 return;
             }
@@ -311,7 +338,11 @@ fn drive_service(
     let (Some(r), Some(plan)) = (&svc.rollout, &svc.config.rollout) else {
         return;
     };
-    let since_step = svc.pool(svc.split.candidate()).metrics.window.summary(now, since);
+    let since_step = svc
+        .pool(svc.split.candidate())
+        .metrics
+        .window
+        .summary(now, since);
     if let Some(step) = next_step(r, plan, now_ms, &verdict, &since_step) {
         tracing::info!(service = %svc.name, step, percent = f64::from(r.steps[step]) / 100.0, requests = since_step.requests, failures = since_step.failures, "rollout advances");
         let reason = format!(
@@ -320,7 +351,11 @@ fn drive_service(
             since_step.failures,
             since_step.requests
         );
-        let cmd = Command::RolloutAdvance { service: name, step, at_ms: now_ms };
+        let cmd = Command::RolloutAdvance {
+            service: name,
+            step,
+            at_ms: now_ms,
+        };
         let _ = table.apply(Change::new(cmd, Origin::Rollout, "rollout").reason(Some(reason)));
     }
 }
@@ -359,22 +394,43 @@ mod tests {
     #[test]
     fn triggers() {
         let c = cfg();
-        assert_eq!(evaluate(&c, &obs(sum(500, 1, 10), sum(5000, 5, 10))), Verdict::Healthy);
+        assert_eq!(
+            evaluate(&c, &obs(sum(500, 1, 10), sum(5000, 5, 10))),
+            Verdict::Healthy
+        );
         // Too little traffic: hold, even at 100 % failures.
-        assert_eq!(evaluate(&c, &obs(sum(10, 10, 10), sum(5000, 0, 10))), Verdict::Inconclusive);
+        assert_eq!(
+            evaluate(&c, &obs(sum(10, 10, 10), sum(5000, 0, 10))),
+            Verdict::Inconclusive
+        );
         let kind = |v: Verdict| match v {
             Verdict::Bad(t) => t.kind,
             other => panic!("{other:?}"),
         };
-        assert_eq!(kind(evaluate(&c, &obs(sum(100, 100, 10), sum(1000, 0, 10)))), "failure_ratio");
+        assert_eq!(
+            kind(evaluate(&c, &obs(sum(100, 100, 10), sum(1000, 0, 10)))),
+            "failure_ratio"
+        );
         // 4 % absolute is under the 5 % limit, but far worse than stable's 0.1 %.
-        assert_eq!(kind(evaluate(&c, &obs(sum(5000, 200, 10), sum(50000, 50, 10)))), "relative_failures");
+        assert_eq!(
+            kind(evaluate(&c, &obs(sum(5000, 200, 10), sum(50000, 50, 10)))),
+            "relative_failures"
+        );
         // The same 4 % with a stable color that also fails 4 % is fine.
-        assert_eq!(evaluate(&c, &obs(sum(5000, 200, 10), sum(50000, 2000, 10))), Verdict::Healthy);
+        assert_eq!(
+            evaluate(&c, &obs(sum(5000, 200, 10), sum(50000, 2000, 10))),
+            Verdict::Healthy
+        );
         // A slow candidate.
-        assert_eq!(kind(evaluate(&c, &obs(sum(500, 0, 900), sum(5000, 0, 20)))), "latency");
+        assert_eq!(
+            kind(evaluate(&c, &obs(sum(500, 0, 900), sum(5000, 0, 20)))),
+            "latency"
+        );
         // Slow in ratio but under the floor: fine.
-        assert_eq!(evaluate(&c, &obs(sum(500, 0, 100), sum(5000, 0, 5))), Verdict::Healthy);
+        assert_eq!(
+            evaluate(&c, &obs(sum(500, 0, 100), sum(5000, 0, 5))),
+            Verdict::Healthy
+        );
         // Endpoints down count even without traffic.
         let mut o = obs(sum(0, 0, 0), sum(0, 0, 0));
         o.candidate_up = 0.0;
@@ -385,7 +441,10 @@ mod tests {
     fn small_samples_do_not_trip_the_absolute_limit() {
         let c = cfg();
         // 2 of 20 is 10 %, but the 95 % lower bound (~2.8 %) is under 5 %.
-        assert_eq!(evaluate(&c, &obs(sum(20, 2, 10), sum(20, 0, 10))), Verdict::Healthy);
+        assert_eq!(
+            evaluate(&c, &obs(sum(20, 2, 10), sum(20, 0, 10))),
+            Verdict::Healthy
+        );
     }
 
     #[test]
@@ -445,16 +504,49 @@ mod tests {
         };
         let enough = sum(100, 0, 10);
         let t = 1_000_000;
-        assert_eq!(next_step(&r, &plan, t + 59_000, &Verdict::Healthy, &enough), None, "hold not over");
-        assert_eq!(next_step(&r, &plan, t + 60_000, &Verdict::Healthy, &enough), Some(1));
-        assert_eq!(next_step(&r, &plan, t + 60_000, &Verdict::Inconclusive, &enough), None);
-        assert_eq!(next_step(&r, &plan, t + 60_000, &Verdict::Healthy, &sum(5, 0, 10)), None, "too few samples");
-        let paused = RolloutState { paused_at_ms: Some(t + 30_000), ..r.clone() };
-        assert_eq!(next_step(&paused, &plan, t + 600_000, &Verdict::Healthy, &enough), None);
-        assert_eq!(paused.held_ms(t + 600_000), 30_000, "the hold stops while paused");
-        let last = RolloutState { step: 1, ..r.clone() };
-        assert_eq!(next_step(&last, &plan, t + 60_000, &Verdict::Healthy, &enough), Some(2));
+        assert_eq!(
+            next_step(&r, &plan, t + 59_000, &Verdict::Healthy, &enough),
+            None,
+            "hold not over"
+        );
+        assert_eq!(
+            next_step(&r, &plan, t + 60_000, &Verdict::Healthy, &enough),
+            Some(1)
+        );
+        assert_eq!(
+            next_step(&r, &plan, t + 60_000, &Verdict::Inconclusive, &enough),
+            None
+        );
+        assert_eq!(
+            next_step(&r, &plan, t + 60_000, &Verdict::Healthy, &sum(5, 0, 10)),
+            None,
+            "too few samples"
+        );
+        let paused = RolloutState {
+            paused_at_ms: Some(t + 30_000),
+            ..r.clone()
+        };
+        assert_eq!(
+            next_step(&paused, &plan, t + 600_000, &Verdict::Healthy, &enough),
+            None
+        );
+        assert_eq!(
+            paused.held_ms(t + 600_000),
+            30_000,
+            "the hold stops while paused"
+        );
+        let last = RolloutState {
+            step: 1,
+            ..r.clone()
+        };
+        assert_eq!(
+            next_step(&last, &plan, t + 60_000, &Verdict::Healthy, &enough),
+            Some(2)
+        );
         let done = RolloutState { step: 2, ..r };
-        assert_eq!(next_step(&done, &plan, t + 60_000, &Verdict::Healthy, &enough), None);
+        assert_eq!(
+            next_step(&done, &plan, t + 60_000, &Verdict::Healthy, &enough),
+            None
+        );
     }
 }

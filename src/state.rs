@@ -25,7 +25,9 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{bp_to_percent, Color};
-use crate::table::{ChangeEvent, ChangeSink, Origin, RollbackLatch, RolloutState, RoutingTable, Service};
+use crate::table::{
+    ChangeEvent, ChangeSink, Origin, RollbackLatch, RolloutState, RoutingTable, Service,
+};
 
 /// Events kept in memory for `/v1/events`.
 const RECENT_EVENTS: usize = 10_000;

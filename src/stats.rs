@@ -197,7 +197,11 @@ mod tests {
         let w = Window::new(Duration::from_millis(100));
         let t0 = w.origin;
         for i in 0..100 {
-            w.record(t0 + Duration::from_millis(i), i % 10 == 0, Duration::from_millis(5));
+            w.record(
+                t0 + Duration::from_millis(i),
+                i % 10 == 0,
+                Duration::from_millis(5),
+            );
         }
         let s = w.summary(t0 + Duration::from_millis(150), None);
         assert_eq!((s.requests, s.failures), (100, 10));
@@ -205,7 +209,11 @@ mod tests {
         let s = w.summary(t0 + Duration::from_millis(100 * BUCKETS as u64 + 150), None);
         assert_eq!(s.requests, 0);
         // A recycled slot starts from zero.
-        w.record(t0 + Duration::from_millis(1000), false, Duration::from_millis(5));
+        w.record(
+            t0 + Duration::from_millis(1000),
+            false,
+            Duration::from_millis(5),
+        );
         let s = w.summary(t0 + Duration::from_millis(1050), None);
         assert_eq!((s.requests, s.failures), (1, 0));
     }
@@ -216,7 +224,10 @@ mod tests {
         let t0 = w.origin;
         w.record(t0 + Duration::from_millis(10), true, Duration::ZERO);
         w.record(t0 + Duration::from_millis(310), false, Duration::ZERO);
-        let s = w.summary(t0 + Duration::from_millis(350), Some(t0 + Duration::from_millis(300)));
+        let s = w.summary(
+            t0 + Duration::from_millis(350),
+            Some(t0 + Duration::from_millis(300)),
+        );
         assert_eq!((s.requests, s.failures), (1, 0));
     }
 
@@ -231,12 +242,18 @@ mod tests {
             w.record(t0, false, Duration::from_millis(400));
         }
         let p99 = w.summary(t0, None).p99.unwrap();
-        assert!(p99 >= Duration::from_millis(2) && p99 <= Duration::from_millis(3), "{p99:?}");
+        assert!(
+            p99 >= Duration::from_millis(2) && p99 <= Duration::from_millis(3),
+            "{p99:?}"
+        );
         for _ in 0..20 {
             w.record(t0, false, Duration::from_millis(400));
         }
         let p99 = w.summary(t0, None).p99.unwrap();
-        assert!(p99 >= Duration::from_millis(400) && p99 <= Duration::from_millis(566), "{p99:?}");
+        assert!(
+            p99 >= Duration::from_millis(400) && p99 <= Duration::from_millis(566),
+            "{p99:?}"
+        );
     }
 
     #[test]

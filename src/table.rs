@@ -312,7 +312,12 @@ impl RoutingTable {
             reason: reason.into(),
         };
         let changed = match cmd {
-            Command::AutoRollback { to_bp, reason, at_ms, .. } => {
+            Command::AutoRollback {
+                to_bp,
+                reason,
+                at_ms,
+                ..
+            } => {
                 svc.split.candidate_bp = (*to_bp).min(svc.split.candidate_bp);
                 svc.rollout = None;
                 svc.rolled_back = Some(RollbackLatch {
@@ -492,11 +497,18 @@ fn new_upstream(addr: SocketAddr, settings: &UpstreamSettings) -> Result<Upstrea
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Command {
     /// Sets the candidate's share in basis points.
-    SetSplit { service: String, candidate_bp: u16 },
+    SetSplit {
+        service: String,
+        candidate_bp: u16,
+    },
     /// The candidate takes 100 % and becomes the stable color.
-    Promote { service: String },
+    Promote {
+        service: String,
+    },
     /// The stable color takes 100 %.
-    Rollback { service: String },
+    Rollback {
+        service: String,
+    },
     /// Drains or undrains an endpoint (in whichever pool lists it).
     SetDrained {
         service: String,
@@ -525,11 +537,24 @@ pub enum Command {
         at_ms: u64,
     },
     /// Moves a rollout to `step` (the next one); the last step promotes.
-    RolloutAdvance { service: String, step: usize, at_ms: u64 },
-    RolloutPause { service: String, at_ms: u64 },
-    RolloutResume { service: String, at_ms: u64 },
+    RolloutAdvance {
+        service: String,
+        step: usize,
+        at_ms: u64,
+    },
+    RolloutPause {
+        service: String,
+        at_ms: u64,
+    },
+    RolloutResume {
+        service: String,
+        at_ms: u64,
+    },
     /// Ends a rollout; the stable color takes 100 %.
-    RolloutAbort { service: String, reason: String },
+    RolloutAbort {
+        service: String,
+        reason: String,
+    },
 }
 
 impl Command {

@@ -336,6 +336,7 @@ impl Upstream {
             match result {
                 Ok(ok) => return Ok(ok),
                 Err(Attempt::NotSent(r, e)) => {
+                    let r = *r;
                     if fresh {
                         return Err(SendFailure {
                             error: UpstreamError::Handshake {
@@ -402,7 +403,7 @@ impl Upstream {
             r = fut => match r {
                 Ok(resp) => Ok(resp),
                 Err(mut e) => match e.take_message() {
-                    Some(req) => Err(Attempt::NotSent(req, e.into_error())),
+                    Some(req) => Err(Attempt::NotSent(Box::new(req), e.into_error())),
                     None => Err(Attempt::Failed(UpstreamError::Exchange { addr, source: e.into_error() })),
                 },
             },
@@ -411,8 +412,10 @@ impl Upstream {
     }
 }
 
+/// How one attempt on one connection failed. The request comes back boxed:
+/// this is the rare stale-connection path, and it keeps `Attempt` small.
 enum Attempt {
-    NotSent(Request<ReqBody>, hyper::Error),
+    NotSent(Box<Request<ReqBody>>, hyper::Error),
     Failed(UpstreamError),
 }
 

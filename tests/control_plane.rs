@@ -150,8 +150,9 @@ async fn admin_api_changes_the_split_with_generation_guards() {
         v["service"]["pools"]["green"]["endpoints"][0]["state"],
         "drained"
     );
-    let (s, _, _) = get(&h1_client(), proxy, "/", &[]).await;
-    assert_eq!(s, 503, "the only stable endpoint is drained");
+    // Green's only endpoint is drained: the request falls back to blue.
+    let (s, _, body) = get(&h1_client(), proxy, "/", &[]).await;
+    assert_eq!((s.as_u16(), color_of(&body)), (200, "blue"));
     let path = format!("/v1/services/gateway/endpoints/{}/undrain", g.addr);
     assert_eq!(admin(&dir, Method::POST, &path, None).await.0, 200);
 
@@ -192,7 +193,9 @@ async fn bad_admin_requests_change_nothing() {
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let (app, _) = start(&cp_config(&dir, 10.0, "max_body_bytes = 1024", &b, &g)).await;
     let split = "/v1/services/gateway/split";
-    let cases: Vec<(Method, &str, Option<Value>, u16, Option<&str>)> = vec![
+    // (method, path, body, expected status, expected `field`)
+    type Case<'a> = (Method, &'a str, Option<Value>, u16, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             Method::PUT,
             split,

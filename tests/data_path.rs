@@ -354,18 +354,20 @@ async fn upstream_trouble_maps_to_502_503_504() {
         1.0
     );
 
-    // Every endpoint drained → 503 with Retry-After, no hang.
-    server
-        .table
-        .apply(
-            Command::SetDrained {
-                service: "gateway".into(),
-                addr: b.addr,
-                drained: true,
-            }
-            .into(),
-        )
-        .unwrap();
+    // Every endpoint of both colors drained → 503 with Retry-After, no hang.
+    for addr in [b.addr, g.addr] {
+        server
+            .table
+            .apply(
+                Command::SetDrained {
+                    service: "gateway".into(),
+                    addr,
+                    drained: true,
+                }
+                .into(),
+            )
+            .unwrap();
+    }
     let (status, h, _) = get(&client, proxy, "/", &[]).await;
     assert_eq!(status, 503);
     assert_eq!(h.get("retry-after").unwrap(), "1");

@@ -18,21 +18,33 @@ use cyan::ctl::{call, Target};
 use support::*;
 
 fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cyan-rb-{tag}-{}-{}", std::process::id(), fastrand::u32(..)));
+    let d = std::env::temp_dir().join(format!(
+        "cyan-rb-{tag}-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
 fn list(b: &[&Backend]) -> String {
-    b.iter().map(|b| format!("\"{}\"", b.addr)).collect::<Vec<_>>().join(", ")
+    b.iter()
+        .map(|b| format!("\"{}\"", b.addr))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
-
-
 
 /// A config with admin + state in `dir`; `service_extra` goes into the
 /// service (inline keys, then tables).
-fn cfg(dir: &Path, percent: f64, blue: &[&Backend], green: &[&Backend], inline: &str, tables: &str) -> String {
+fn cfg(
+    dir: &Path,
+    percent: f64,
+    blue: &[&Backend],
+    green: &[&Backend],
+    inline: &str,
+    tables: &str,
+) -> String {
     format!(
         r#"
 [runtime]
@@ -90,11 +102,19 @@ impl Load {
         };
         let mut l = l;
         for _ in 0..workers {
-            let (stop, ok, c4, c5, broken) = (l.stop.clone(), l.ok.clone(), l.c4.clone(), l.c5.clone(), l.broken.clone());
+            let (stop, ok, c4, c5, broken) = (
+                l.stop.clone(),
+                l.ok.clone(),
+                l.c4.clone(),
+                l.c5.clone(),
+                l.broken.clone(),
+            );
             l.tasks.push(tokio::spawn(async move {
                 let client = h1_client();
                 while !stop.load(Ordering::SeqCst) {
-                    let req = http::Request::get(format!("http://{proxy}{path}")).body(empty()).unwrap();
+                    let req = http::Request::get(format!("http://{proxy}{path}"))
+                        .body(empty())
+                        .unwrap();
                     match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
                         Ok(Ok(r)) => {
                             let s = r.status().as_u16();
@@ -131,7 +151,13 @@ impl Load {
 }
 
 fn candidate_bp(app: &App) -> u16 {
-    app.server.table.load().service("gateway").unwrap().split.candidate_bp
+    app.server
+        .table
+        .load()
+        .service("gateway")
+        .unwrap()
+        .split
+        .candidate_bp
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,24 +171,43 @@ async fn failing_green_is_rolled_back_within_three_seconds() {
 
     g.force_status.store(503, Ordering::SeqCst);
     let broke = Instant::now();
-    assert!(eventually(Duration::from_secs(5), || candidate_bp(&app) == 0).await, "rolled back");
+    assert!(
+        eventually(Duration::from_secs(5), || candidate_bp(&app) == 0).await,
+        "rolled back"
+    );
     let took = broke.elapsed();
     eprintln!("green failing -> 0% green in {took:?}");
     assert!(took < Duration::from_secs(3), "rollback took {took:?}");
 
     let t = app.server.table.load();
-    let latch = t.service("gateway").unwrap().rolled_back.clone().expect("latched");
+    let latch = t
+        .service("gateway")
+        .unwrap()
+        .rolled_back
+        .clone()
+        .expect("latched");
     // Passive ejection usually sees it first (candidate_unhealthy); the ratio
     // triggers are the backstop. Either way the numbers are in the reason.
     assert!(
-        ["candidate_unhealthy", "failure_ratio", "relative_failures"].iter().any(|k| latch.reason.starts_with(k)),
+        ["candidate_unhealthy", "failure_ratio", "relative_failures"]
+            .iter()
+            .any(|k| latch.reason.starts_with(k)),
         "{}",
         latch.reason
     );
-    assert!(latch.reason.contains('%'), "the numbers that tripped it: {}", latch.reason);
+    assert!(
+        latch.reason.contains('%'),
+        "the numbers that tripped it: {}",
+        latch.reason
+    );
     // The counter moves once the change is persisted (a few ms after the swap).
     assert!(
-        eventually(Duration::from_secs(1), || metric(&app.server, "cyan_rollbacks_total", &["service=\"gateway\""]) == 1.0).await
+        eventually(Duration::from_secs(1), || metric(
+            &app.server,
+            "cyan_rollbacks_total",
+            &["service=\"gateway\""]
+        ) == 1.0)
+        .await
     );
 
     // Green recovers: no flapping back, the latch holds until an operator acts.
@@ -175,24 +220,58 @@ async fn failing_green_is_rolled_back_within_three_seconds() {
 
     let sock = Target::Socket(dir.join("admin.sock"));
     let (_, v) = call(&sock, Method::GET, "/v1/events", None).await.unwrap();
-    let ev = v["events"].as_array().unwrap().iter().find(|e| e["action"] == "auto_rollback").cloned().expect("audited");
+    let ev = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "auto_rollback")
+        .cloned()
+        .expect("audited");
     assert_eq!(ev["origin"], "rollback");
     assert_eq!(ev["before"]["candidate_percent"], 20.0);
     assert_eq!(ev["after"]["candidate_percent"], 0.0);
-    let (_, v) = call(&sock, Method::GET, "/v1/services/gateway", None).await.unwrap();
+    let (_, v) = call(&sock, Method::GET, "/v1/services/gateway", None)
+        .await
+        .unwrap();
     assert!(v["rolled_back"]["reason"].is_string());
     // An operator's split clears the latch.
-    call(&sock, Method::PUT, "/v1/services/gateway/split", Some(json!({"candidate_percent": 5}))).await.unwrap();
-    assert!(app.server.table.load().service("gateway").unwrap().rolled_back.is_none());
+    call(
+        &sock,
+        Method::PUT,
+        "/v1/services/gateway/split",
+        Some(json!({"candidate_percent": 5})),
+    )
+    .await
+    .unwrap();
+    assert!(app
+        .server
+        .table
+        .load()
+        .service("gateway")
+        .unwrap()
+        .rolled_back
+        .is_none());
     app.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_green_that_fails_some_requests_is_rolled_back() {
     let dir = tmpdir("partial");
-    let (b, g1, g2) = (Backend::start("blue").await, Backend::start("green").await, Backend::start("green").await);
+    let (b, g1, g2) = (
+        Backend::start("blue").await,
+        Backend::start("green").await,
+        Backend::start("green").await,
+    );
     // Passive ejection off so that the ratio trigger is what acts.
-    let (app, proxy) = start(&cfg(&dir, 30.0, &[&b], &[&g1, &g2], "", "[service.health]\neject_after = 0")).await;
+    let (app, proxy) = start(&cfg(
+        &dir,
+        30.0,
+        &[&b],
+        &[&g1, &g2],
+        "",
+        "[service.health]\neject_after = 0",
+    ))
+    .await;
     let load = Load::start(proxy, 4, "/");
     tokio::time::sleep(Duration::from_millis(500)).await;
     g1.force_status.store(500, Ordering::SeqCst); // about half of green's requests fail
@@ -210,18 +289,27 @@ async fn slow_backend(delay: Duration) -> std::net::SocketAddr {
     let target = inner.addr;
     tokio::spawn(async move {
         loop {
-            let Ok((mut c, _)) = l.accept().await else { continue };
+            let Ok((mut c, _)) = l.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
-                let Ok(mut u) = tokio::net::TcpStream::connect(target).await else { return };
+                let Ok(mut u) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
                 let (mut cr, mut cw) = c.split();
                 let (mut ur, mut uw) = u.split();
                 let up = async {
                     let mut buf = [0u8; 8192];
                     loop {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        let n = match cr.read(&mut buf).await { Ok(0) | Err(_) => break, Ok(n) => n };
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
                         tokio::time::sleep(delay).await;
-                        if uw.write_all(&buf[..n]).await.is_err() { break; }
+                        if uw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
                     }
                 };
                 let down = tokio::io::copy(&mut ur, &mut cw);
@@ -237,11 +325,23 @@ async fn a_slow_green_is_rolled_back() {
     let dir = tmpdir("slow");
     let (b, placeholder) = (Backend::start("blue").await, Backend::start("green").await);
     let slow = slow_backend(Duration::from_millis(600)).await;
-    let text = cfg(&dir, 30.0, &[&b], &[&placeholder], "", "").replace(&placeholder.addr.to_string(), &slow.to_string());
+    let text = cfg(&dir, 30.0, &[&b], &[&placeholder], "", "")
+        .replace(&placeholder.addr.to_string(), &slow.to_string());
     let (app, proxy) = start(&text).await;
     let load = Load::start(proxy, 8, "/");
-    assert!(eventually(Duration::from_secs(8), || candidate_bp(&app) == 0).await, "rolled back");
-    let latch = app.server.table.load().service("gateway").unwrap().rolled_back.clone().unwrap();
+    assert!(
+        eventually(Duration::from_secs(8), || candidate_bp(&app) == 0).await,
+        "rolled back"
+    );
+    let latch = app
+        .server
+        .table
+        .load()
+        .service("gateway")
+        .unwrap()
+        .rolled_back
+        .clone()
+        .unwrap();
     assert!(latch.reason.starts_with("latency"), "{}", latch.reason);
     load.stop().await;
     app.shutdown().await;
@@ -259,7 +359,15 @@ async fn a_storm_of_4xx_is_not_a_failure() {
     assert!(c4 > 50);
     assert_eq!(candidate_bp(&app), 3000, "4xx never roll back");
     let t = app.server.table.load();
-    assert_eq!(t.service("gateway").unwrap().pool(Color::Green).eligible.len(), 1, "nor eject");
+    assert_eq!(
+        t.service("gateway")
+            .unwrap()
+            .pool(Color::Green)
+            .eligible
+            .len(),
+        1,
+        "nor eject"
+    );
     app.shutdown().await;
 }
 
@@ -267,13 +375,32 @@ async fn a_storm_of_4xx_is_not_a_failure() {
 async fn both_colors_failing_holds_traffic_where_it_is() {
     let dir = tmpdir("both");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let (app, proxy) = start(&cfg(&dir, 50.0, &[&b], &[&g], "", "[service.health]\neject_after = 0")).await;
+    let (app, proxy) = start(&cfg(
+        &dir,
+        50.0,
+        &[&b],
+        &[&g],
+        "",
+        "[service.health]\neject_after = 0",
+    ))
+    .await;
     b.force_status.store(503, Ordering::SeqCst);
     g.force_status.store(503, Ordering::SeqCst);
     let load = Load::start(proxy, 4, "/");
-    assert!(eventually(Duration::from_secs(5), || metric(&app.server, "cyan_rollbacks_held_total", &[]) >= 1.0).await);
+    assert!(
+        eventually(Duration::from_secs(5), || metric(
+            &app.server,
+            "cyan_rollbacks_held_total",
+            &[]
+        ) >= 1.0)
+        .await
+    );
     load.stop().await;
-    assert_eq!(candidate_bp(&app), 5000, "no rollback onto a failing stable color");
+    assert_eq!(
+        candidate_bp(&app),
+        5000,
+        "no rollback onto a failing stable color"
+    );
     assert_eq!(metric(&app.server, "cyan_rollbacks_total", &[]), 0.0);
     app.shutdown().await;
 }
@@ -281,12 +408,28 @@ async fn both_colors_failing_holds_traffic_where_it_is() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_checks_take_endpoints_out_and_back() {
     let dir = tmpdir("active");
-    let (b, g1, g2) = (Backend::start("blue").await, Backend::start("green").await, Backend::start("green").await);
+    let (b, g1, g2) = (
+        Backend::start("blue").await,
+        Backend::start("green").await,
+        Backend::start("green").await,
+    );
     let health = "[service.health]\npath = \"/status/200\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 2\nfall = 2\n[service.rollback]\nenabled = false";
     let (app, proxy) = start(&cfg(&dir, 100.0, &[&b], &[&g1, &g2], "", health)).await;
-    let green_eligible = |app: &App| app.server.table.load().service("gateway").unwrap().pool(Color::Green).eligible.len();
+    let green_eligible = |app: &App| {
+        app.server
+            .table
+            .load()
+            .service("gateway")
+            .unwrap()
+            .pool(Color::Green)
+            .eligible
+            .len()
+    };
     g1.force_status.store(503, Ordering::SeqCst);
-    assert!(eventually(Duration::from_secs(3), || green_eligible(&app) == 1).await, "g1 marked down");
+    assert!(
+        eventually(Duration::from_secs(3), || green_eligible(&app) == 1).await,
+        "g1 marked down"
+    );
     // Traffic avoids it.
     let before = g1.hits();
     let client = h1_client();
@@ -294,13 +437,41 @@ async fn active_checks_take_endpoints_out_and_back() {
         let (s, _, _) = get(&client, proxy, "/", &[]).await;
         assert_eq!(s, 200);
     }
-    assert!(g1.hits() - before < 10, "only probes reach the down endpoint");
-    assert!(metric(&app.server, "cyan_health_checks_total", &["result=\"failure\""]) >= 2.0);
+    assert!(
+        g1.hits() - before < 10,
+        "only probes reach the down endpoint"
+    );
+    assert!(
+        metric(
+            &app.server,
+            "cyan_health_checks_total",
+            &["result=\"failure\""]
+        ) >= 2.0
+    );
     g1.force_status.store(0, Ordering::SeqCst);
-    assert!(eventually(Duration::from_secs(3), || green_eligible(&app) == 2).await, "g1 back up");
-    let (_, v) = call(&Target::Socket(dir.join("admin.sock")), Method::GET, "/v1/events", None).await.unwrap();
-    let actions: Vec<String> = v["events"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap().to_string()).collect();
-    assert!(actions.contains(&"endpoint_down".to_string()) && actions.contains(&"endpoint_up".to_string()), "{actions:?}");
+    assert!(
+        eventually(Duration::from_secs(3), || green_eligible(&app) == 2).await,
+        "g1 back up"
+    );
+    let (_, v) = call(
+        &Target::Socket(dir.join("admin.sock")),
+        Method::GET,
+        "/v1/events",
+        None,
+    )
+    .await
+    .unwrap();
+    let actions: Vec<String> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        actions.contains(&"endpoint_down".to_string())
+            && actions.contains(&"endpoint_up".to_string()),
+        "{actions:?}"
+    );
     app.shutdown().await;
 }
 
@@ -312,25 +483,52 @@ async fn passive_ejection_then_fallback_and_fast_503() {
     let (app, proxy) = start(&cfg(&dir, 100.0, &[&b], &[&g], "", tables)).await;
     let client = h1_client();
     g.stop(); // green dies
-    // Connect failures retry on blue, then green is ejected and the pool
-    // falls back to blue without even trying.
+              // Connect failures retry on blue, then green is ejected and the pool
+              // falls back to blue without even trying.
     for _ in 0..20 {
         let (s, _, body) = get(&client, proxy, "/", &[]).await;
         assert_eq!((s.as_u16(), color_of(&body)), (200, "blue"));
     }
-    assert!(eventually(Duration::from_secs(2), || {
-        app.server.table.load().service("gateway").unwrap().pool(Color::Green).eligible.is_empty()
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            app.server
+                .table
+                .load()
+                .service("gateway")
+                .unwrap()
+                .pool(Color::Green)
+                .eligible
+                .is_empty()
+        })
+        .await
+    );
     // Green is empty at 100 %: the other color takes the requests.
     for _ in 0..20 {
         let (s, _, body) = get(&client, proxy, "/", &[]).await;
-        assert_eq!((s.as_u16(), color_of(&body)), (200, "blue"), "fallback to the healthy color");
+        assert_eq!(
+            (s.as_u16(), color_of(&body)),
+            (200, "blue"),
+            "fallback to the healthy color"
+        );
     }
-    assert_eq!(metric(&app.server, "cyan_retries_total", &[]) as usize, metric(&app.server, "cyan_upstream_errors_total", &["kind=\"connect\""]) as usize);
+    assert_eq!(
+        metric(&app.server, "cyan_retries_total", &[]) as usize,
+        metric(
+            &app.server,
+            "cyan_upstream_errors_total",
+            &["kind=\"connect\""]
+        ) as usize
+    );
     // Both colors out: a fast 503 with Retry-After, never a hang.
     let sock = Target::Socket(dir.join("admin.sock"));
-    call(&sock, Method::POST, &format!("/v1/services/gateway/endpoints/{}/drain", b.addr), None).await.unwrap();
+    call(
+        &sock,
+        Method::POST,
+        &format!("/v1/services/gateway/endpoints/{}/drain", b.addr),
+        None,
+    )
+    .await
+    .unwrap();
     let t0 = Instant::now();
     let (s, h, _) = get(&client, proxy, "/", &[]).await;
     assert_eq!(s, 503);
@@ -347,24 +545,42 @@ async fn a_rollout_runs_to_promotion() {
     let (app, proxy) = start(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
     let load = Load::start(proxy, 4, "/");
     let sock = Target::Socket(dir.join("admin.sock"));
-    let (s, v) = call(&sock, Method::POST, "/v1/services/gateway/rollout/start", Some(json!({"reason": "upgrade 3.4"}))).await.unwrap();
+    let (s, v) = call(
+        &sock,
+        Method::POST,
+        "/v1/services/gateway/rollout/start",
+        Some(json!({"reason": "upgrade 3.4"})),
+    )
+    .await
+    .unwrap();
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["service"]["candidate_percent"], 10.0);
     assert_eq!(v["service"]["rollout"]["step"], 0);
-    assert!(eventually(Duration::from_secs(10), || {
-        let t = app.server.table.load();
-        let s = t.service("gateway").unwrap();
-        s.split.stable == Color::Green && s.rollout.is_none()
-    })
-    .await, "promoted");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let t = app.server.table.load();
+            let s = t.service("gateway").unwrap();
+            s.split.stable == Color::Green && s.rollout.is_none()
+        })
+        .await,
+        "promoted"
+    );
     let (ok, _, c5, broken) = load.stop().await;
     assert_eq!((c5, broken), (0, 0));
     assert!(ok > 100);
     let (_, v) = call(&sock, Method::GET, "/v1/events", None).await.unwrap();
-    let actions: Vec<&str> = v["events"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    let actions: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
     assert_eq!(actions, ["rollout_start", "rollout_step", "rollout_step"]);
     assert_eq!(v["events"][1]["origin"], "rollout");
-    assert!(v["events"][1]["reason"].as_str().unwrap().contains("candidate requests"));
+    assert!(v["events"][1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("candidate requests"));
     assert_eq!(metric(&app.server, "cyan_rollout_step", &[]), -1.0);
     app.shutdown().await;
 }
@@ -376,7 +592,14 @@ async fn a_failing_rollout_step_is_rolled_back_and_ended() {
     let tables = "[service.rollout]\nsteps = [25, 100]\nhold = \"10s\"\nmin_requests = 5";
     let (app, proxy) = start(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
     let sock = Target::Socket(dir.join("admin.sock"));
-    call(&sock, Method::POST, "/v1/services/gateway/rollout/start", None).await.unwrap();
+    call(
+        &sock,
+        Method::POST,
+        "/v1/services/gateway/rollout/start",
+        None,
+    )
+    .await
+    .unwrap();
     g.force_status.store(502, Ordering::SeqCst);
     let load = Load::start(proxy, 4, "/");
     assert!(eventually(Duration::from_secs(5), || candidate_bp(&app) == 0).await);
@@ -398,15 +621,48 @@ async fn a_restart_mid_rollout_continues_its_step() {
     let (app, proxy) = start(&text).await;
     let sock = Target::Socket(dir.join("admin.sock"));
     let load = Load::start(proxy, 4, "/");
-    call(&sock, Method::POST, "/v1/services/gateway/rollout/start", None).await.unwrap();
-    let step = |app: &App| app.server.table.load().service("gateway").unwrap().rollout.as_ref().map(|r| r.step);
+    call(
+        &sock,
+        Method::POST,
+        "/v1/services/gateway/rollout/start",
+        None,
+    )
+    .await
+    .unwrap();
+    let step = |app: &App| {
+        app.server
+            .table
+            .load()
+            .service("gateway")
+            .unwrap()
+            .rollout
+            .as_ref()
+            .map(|r| r.step)
+    };
     assert!(eventually(Duration::from_secs(6), || step(&app) == Some(1)).await);
     load.stop().await;
-    let started = app.server.table.load().service("gateway").unwrap().rollout.clone().unwrap().step_started_ms;
+    let started = app
+        .server
+        .table
+        .load()
+        .service("gateway")
+        .unwrap()
+        .rollout
+        .clone()
+        .unwrap()
+        .step_started_ms;
     app.shutdown().await;
 
     let (app, proxy) = start(&text).await;
-    let r = app.server.table.load().service("gateway").unwrap().rollout.clone().expect("rollout persisted");
+    let r = app
+        .server
+        .table
+        .load()
+        .service("gateway")
+        .unwrap()
+        .rollout
+        .clone()
+        .expect("rollout persisted");
     assert_eq!(r.step, 1, "continues from its step, not from the beginning");
     assert_eq!(r.step_started_ms, started, "with its timer");
     assert_eq!(candidate_bp(&app), 4000);
@@ -414,10 +670,20 @@ async fn a_restart_mid_rollout_continues_its_step() {
     tokio::time::sleep(Duration::from_millis(1800)).await;
     assert_eq!(step(&app), Some(1));
     let load = Load::start(proxy, 4, "/");
-    assert!(eventually(Duration::from_secs(8), || {
-        app.server.table.load().service("gateway").unwrap().split.stable == Color::Green
-    })
-    .await, "then completes");
+    assert!(
+        eventually(Duration::from_secs(8), || {
+            app.server
+                .table
+                .load()
+                .service("gateway")
+                .unwrap()
+                .split
+                .stable
+                == Color::Green
+        })
+        .await,
+        "then completes"
+    );
     load.stop().await;
     app.shutdown().await;
 }
@@ -430,22 +696,67 @@ async fn a_failing_preflight_blocks_the_start() {
     let (app, _) = start(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
     let sock = Target::Socket(dir.join("admin.sock"));
     g.force_status.store(500, Ordering::SeqCst);
-    let (s, v) = call(&sock, Method::POST, "/v1/services/gateway/rollout/start", None).await.unwrap();
+    let (s, v) = call(
+        &sock,
+        Method::POST,
+        "/v1/services/gateway/rollout/start",
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(s, 422, "{v}");
     assert!(v["error"].as_str().unwrap().contains("status 500"), "{v}");
     assert_eq!(candidate_bp(&app), 0, "no traffic moved");
-    assert!(app.server.table.load().service("gateway").unwrap().rollout.is_none());
+    assert!(app
+        .server
+        .table
+        .load()
+        .service("gateway")
+        .unwrap()
+        .rollout
+        .is_none());
     let (_, ev) = call(&sock, Method::GET, "/v1/events", None).await.unwrap();
     assert_eq!(ev["events"][0]["action"], "rollout_preflight_failed");
     g.force_status.store(0, Ordering::SeqCst);
-    let (s, v) = call(&sock, Method::POST, "/v1/services/gateway/rollout/start", None).await.unwrap();
+    let (s, v) = call(
+        &sock,
+        Method::POST,
+        "/v1/services/gateway/rollout/start",
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(s, 200, "{v}");
     assert_eq!(candidate_bp(&app), 500);
     // Pause, resume, abort.
-    let (s, v) = call(&sock, Method::POST, "/v1/services/gateway/rollout/pause", None).await.unwrap();
-    assert_eq!((s.as_u16(), v["service"]["rollout"]["paused"].as_bool()), (200, Some(true)));
-    call(&sock, Method::POST, "/v1/services/gateway/rollout/resume", None).await.unwrap();
-    let (s, v) = call(&sock, Method::POST, "/v1/services/gateway/rollout/abort", Some(json!({"reason": "not today"}))).await.unwrap();
+    let (s, v) = call(
+        &sock,
+        Method::POST,
+        "/v1/services/gateway/rollout/pause",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (s.as_u16(), v["service"]["rollout"]["paused"].as_bool()),
+        (200, Some(true))
+    );
+    call(
+        &sock,
+        Method::POST,
+        "/v1/services/gateway/rollout/resume",
+        None,
+    )
+    .await
+    .unwrap();
+    let (s, v) = call(
+        &sock,
+        Method::POST,
+        "/v1/services/gateway/rollout/abort",
+        Some(json!({"reason": "not today"})),
+    )
+    .await
+    .unwrap();
     assert_eq!(s, 200);
     assert_eq!(v["service"]["candidate_percent"], 0.0);
     assert!(v["service"]["rollout"].is_null());

@@ -6,6 +6,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::Xxh3;
@@ -61,6 +64,8 @@ pub struct Backend {
     pub force_status: Arc<AtomicU16>,
     /// Requests currently being handled.
     pub in_flight: Arc<AtomicU64>,
+    /// Completed TLS handshakes (TLS backends only).
+    pub tls_handshakes: Arc<AtomicUsize>,
     stop: CancellationToken,
 }
 
@@ -73,6 +78,36 @@ impl Backend {
     }
 
     pub fn serve(color: &'static str, listener: TcpListener) -> Backend {
+        Backend::serve_with(color, listener, None)
+    }
+
+    /// A backend behind TLS (ALPN `h2` and `http/1.1`) with `cert`.
+    pub async fn start_tls(color: &'static str, cert: &TestCert) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        Backend::serve_tls(color, listener, cert)
+    }
+
+    pub fn serve_tls(color: &'static str, listener: TcpListener, cert: &TestCert) -> Backend {
+        cyan::tls::install_provider();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&cert.key_path).expect("key");
+        let mut cfg = rustls::ServerConfig::builder_with_provider(cyan::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der.clone()], key)
+            .expect("backend cert");
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        Backend::serve_with(color, listener, Some(acceptor))
+    }
+
+    fn serve_with(
+        color: &'static str,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Backend {
         let addr = listener.local_addr().expect("local addr");
         let b = Backend {
             addr,
@@ -80,6 +115,7 @@ impl Backend {
             hits: Arc::new(AtomicUsize::new(0)),
             force_status: Arc::new(AtomicU16::new(0)),
             in_flight: Arc::new(AtomicU64::new(0)),
+            tls_handshakes: Arc::new(AtomicUsize::new(0)),
             stop: CancellationToken::new(),
         };
         let me = b.clone();
@@ -90,22 +126,42 @@ impl Backend {
                     _ = me.stop.cancelled() => break,
                 };
                 let me = me.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let stop = me.stop.clone();
-                    let svc = service_fn(move |req| {
-                        let me = me.clone();
-                        async move { Ok::<_, Infallible>(me.handle(req).await) }
-                    });
-                    let builder = auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = stop.cancelled() => {}
+                    match tls {
+                        None => me.serve_conn(stream).await,
+                        Some(acceptor) => {
+                            let accept = acceptor.accept(stream);
+                            if let Ok(Ok(s)) =
+                                tokio::time::timeout(Duration::from_secs(5), accept).await
+                            {
+                                me.tls_handshakes.fetch_add(1, Ordering::SeqCst);
+                                me.serve_conn(s).await;
+                            }
+                        }
                     }
                 });
             }
         });
         b
+    }
+
+    async fn serve_conn<IO>(self, io: IO)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let stop = self.stop.clone();
+        let me = self;
+        let svc = service_fn(move |req| {
+            let me = me.clone();
+            async move { Ok::<_, Infallible>(me.handle(req).await) }
+        });
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        tokio::select! {
+            _ = conn => {}
+            _ = stop.cancelled() => {}
+        }
     }
 
     /// Stops accepting and drops open connections.
@@ -255,9 +311,11 @@ fn websocket_echo(req: &mut Request<Incoming>) -> Response<BoxBody> {
             None,
         )
         .await;
+        // A Close is answered by tungstenite on the next read, which then
+        // ends the stream: the client sees a clean closing handshake.
         while let Some(Ok(msg)) = ws.next().await {
             if msg.is_close() {
-                break;
+                continue;
             }
             if ws.send(msg).await.is_err() {
                 break;
@@ -496,5 +554,359 @@ pub fn metric(server: &Server, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter(|l| labels.iter().all(|lab| l.contains(lab)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+// ---------------------------------------------------------------------------
+// Configs beyond the usual single service.
+// ---------------------------------------------------------------------------
+
+/// A one-listener, one-service config. `listener` and `service` are extra
+/// lines for those sections; `blue` / `green` are extra keys inside the pool
+/// inline tables (e.g. `protocol = "h2c"`), with a leading comma.
+pub fn custom_config(
+    percent: f64,
+    listener: &str,
+    service: &str,
+    blue: &str,
+    green: &str,
+) -> String {
+    format!(
+        r#"
+[runtime]
+drain_timeout = "2s"
+
+[[listener]]
+name = "public"
+listen = "127.0.0.1:0"
+{listener}
+
+[[service]]
+name = "gateway"
+candidate_percent = {percent}
+{service}
+blue  = {{ endpoints = [{{blue}}]{blue} }}
+green = {{ endpoints = [{{green}}]{green} }}
+"#
+    )
+}
+
+// ---------------------------------------------------------------------------
+// TLS material and clients.
+// ---------------------------------------------------------------------------
+
+/// A directory under the system temp dir, unique to this process and call,
+/// removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "cyan-test-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A self-signed certificate written as PEM files.
+#[derive(Debug, Clone)]
+pub struct TestCert {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub der: CertificateDer<'static>,
+}
+
+impl TestCert {
+    /// Generates a self-signed certificate for `names` into `dir/stem.{pem,key}`.
+    pub fn generate(dir: &Path, stem: &str, names: &[&str]) -> TestCert {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let ck = rcgen::generate_simple_self_signed(names).expect("rcgen");
+        let cert_path = dir.join(format!("{stem}.pem"));
+        let key_path = dir.join(format!("{stem}.key"));
+        std::fs::write(&cert_path, ck.cert.pem()).expect("write cert");
+        std::fs::write(&key_path, ck.signing_key.serialize_pem()).expect("write key");
+        TestCert {
+            cert_path,
+            key_path,
+            der: ck.cert.der().clone(),
+        }
+    }
+
+    /// `{ cert = "...", key = "..." }` for a config.
+    pub fn toml_pair(&self) -> String {
+        format!(
+            "cert = \"{}\", key = \"{}\"",
+            self.cert_path.display(),
+            self.key_path.display()
+        )
+    }
+}
+
+/// A rustls client trusting `roots`, offering `alpn`, limited to `versions`.
+pub fn tls_connector(
+    roots: &[&CertificateDer<'static>],
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> tokio_rustls::TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add((*r).clone()).expect("root");
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(cyan::tls::provider())
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// A rustls client that accepts any certificate (to look at which one the
+/// server chose), offering `http/1.1`.
+pub fn tls_connector_any() -> tokio_rustls::TlsConnector {
+    let provider = cyan::tls::provider();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects to `addr` over TLS with SNI `name`.
+pub async fn tls_connect(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name =
+        rustls_pki_types::ServerName::try_from(name.to_string()).map_err(std::io::Error::other)?;
+    connector.connect(name, tcp).await
+}
+
+// ---------------------------------------------------------------------------
+// One-connection HTTP clients over any stream (hyper's low-level API).
+// ---------------------------------------------------------------------------
+
+/// Sends one request over a fresh HTTP/1.1 connection on `io`.
+pub async fn h1_send<IO>(io: IO, req: Request<BoxBody>) -> Result<Response<Incoming>, hyper::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    tx.send_request(req).await
+}
+
+/// Sends one request over a fresh HTTP/2 connection on `io`.
+pub async fn h2_send<IO>(io: IO, req: Request<BoxBody>) -> Result<Response<Incoming>, hyper::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    tx.send_request(req).await
+}
+
+/// Reads a whole response body as text.
+pub async fn body_text(resp: Response<Incoming>) -> String {
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// Raw sockets.
+// ---------------------------------------------------------------------------
+
+/// What a raw exchange saw.
+#[derive(Debug)]
+pub struct RawOutcome {
+    pub text: String,
+    /// The peer closed the connection (EOF or reset) within the wait.
+    pub closed: bool,
+    /// From the end of the write to EOF (or to the end of the wait).
+    pub elapsed: Duration,
+}
+
+/// Writes `bytes` on `s`, then reads until the peer closes or `wait` passes.
+pub async fn exchange_on(
+    s: &mut tokio::net::TcpStream,
+    bytes: &[u8],
+    wait: Duration,
+) -> RawOutcome {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !bytes.is_empty() {
+        s.write_all(bytes).await.expect("write");
+    }
+    let start = std::time::Instant::now();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(wait, s.read_to_end(&mut out))
+        .await
+        .is_ok();
+    RawOutcome {
+        text: String::from_utf8_lossy(&out).into_owned(),
+        closed,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// [`exchange_on`] a fresh connection.
+pub async fn raw_outcome(proxy: SocketAddr, bytes: &[u8], wait: Duration) -> RawOutcome {
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    exchange_on(&mut s, bytes, wait).await
+}
+
+/// Reads one HTTP/1.1 response (head + Content-Length body) from `s`,
+/// leaving the connection open. `None` on EOF/timeout before a whole one.
+pub async fn read_one_response(s: &mut tokio::net::TcpStream, wait: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap_or(0));
+            if buf.len() >= end + 4 + len {
+                return Some(String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned());
+            }
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Memory.
+// ---------------------------------------------------------------------------
+
+/// The process's resident set size in bytes (`VmRSS`).
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Samples RSS every 10 ms on a plain thread; [`RssPeak::finish`] gives the
+/// highest value seen.
+pub struct RssPeak {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl RssPeak {
+    pub fn start() -> RssPeak {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = rss_bytes();
+            while !s.load(Ordering::SeqCst) {
+                peak = peak.max(rss_bytes());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak.max(rss_bytes())
+        });
+        RssPeak { stop, thread }
+    }
+
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap_or(0)
+    }
+}
+
+/// Serializes tests whose memory or CPU measurements other tests of the same
+/// binary would disturb.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Time the current runtime's workers spent busy (not parked).
+pub fn runtime_busy() -> Duration {
+    let m = tokio::runtime::Handle::current().metrics();
+    (0..m.num_workers())
+        .map(|w| m.worker_total_busy_duration(w))
         .sum()
 }

@@ -1,0 +1,626 @@
+//! End-to-end scenarios of what cyan refuses and when it gives up: malformed
+//! and smuggling-shaped requests, every timeout, the connection cap, and
+//! upstream TLS.
+//!
+//! Timeouts are configured short (a few hundred ms) and each test checks the
+//! elapsed time lands near the configured value, far below the defaults
+//! (seconds), so a setting that is not wired through fails the test.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http::{Request, Version};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The status code of a raw HTTP/1.1 response, 0 when there is none.
+fn status_of(raw: &str) -> u16 {
+    raw.strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `elapsed` is at least `configured` (minus timer slack) and well below
+/// `configured + margin`.
+fn assert_near(what: &str, elapsed: Duration, configured: Duration, margin: Duration) {
+    assert!(
+        elapsed + Duration::from_millis(50) >= configured && elapsed < configured + margin,
+        "{what}: took {elapsed:?}, configured {configured:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_smuggling_shaped_requests_never_reach_a_backend() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let cfg = config(&custom_config(0.0, "", "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let big = format!("X-Big: {}\r\n", "x".repeat(70_000));
+    let cases: Vec<(&str, String, u16)> = vec![
+        ("missing Host", "GET / HTTP/1.1\r\n\r\n".into(), 400),
+        (
+            "two Host headers",
+            "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "TE chunked, chunked",
+            "POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "TE gzip, chunked",
+            "POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "two TE headers",
+            "POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "conflicting Content-Length",
+            "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".into(),
+            400,
+        ),
+        (
+            "CONNECT",
+            "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n".into(),
+            405,
+        ),
+        (
+            "70 KB header",
+            format!("GET / HTTP/1.1\r\nHost: a\r\n{big}\r\n"),
+            431,
+        ),
+        (
+            "obs-fold",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Folded: one\r\n two\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "Host with a space",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "Host with userinfo",
+            "GET / HTTP/1.1\r\nHost: user@x\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "absolute-form differing from Host",
+            "GET http://a.example/ HTTP/1.1\r\nHost: b.example\r\n\r\n".into(),
+            400,
+        ),
+    ];
+    for (what, raw, expected) in &cases {
+        let out = raw_outcome(proxy, raw.as_bytes(), Duration::from_secs(3)).await;
+        assert_eq!(status_of(&out.text), *expected, "{what}: {}", out.text);
+        assert!(
+            out.closed,
+            "{what}: the connection is closed after a refusal"
+        );
+    }
+    assert_eq!(
+        b.hits() + g.hits(),
+        0,
+        "no refused request reached a backend"
+    );
+    // The ones cyan itself refused are counted (the rest hyper refused while
+    // parsing, before cyan saw a request).
+    assert_eq!(
+        metric(&server, "cyan_rejected_requests_total", &["code=\"400\""]),
+        8.0
+    );
+    assert_eq!(
+        metric(&server, "cyan_rejected_requests_total", &["code=\"405\""]),
+        1.0
+    );
+    // A well-formed request on the same proxy still works.
+    let out = raw_outcome(
+        proxy,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(status_of(&out.text), 200, "{}", out.text);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_chunked_is_framed_by_te_and_closes() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let cfg = config(&custom_config(0.0, "", "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let hello = digest_hex(b"hello");
+    // Content-Length says 3, the chunked body is 5 bytes; both orders.
+    for headers in [
+        "Content-Length: 3\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked\r\nContent-Length: 3",
+    ] {
+        let req = format!(
+            "POST /upload HTTP/1.1\r\nHost: a\r\n{headers}\r\n{DIGEST}: {hello}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let out = raw_outcome(proxy, req.as_bytes(), Duration::from_secs(3)).await;
+        assert_eq!(status_of(&out.text), 200, "{}", out.text);
+        assert!(
+            out.text.ends_with(&format!("{hello} 5")),
+            "the backend got the 5 chunked bytes: {}",
+            out.text
+        );
+        assert!(out.closed, "connection closed after the response");
+        assert!(
+            out.elapsed < Duration::from_secs(2),
+            "closed, not timed out"
+        );
+
+        let req = format!(
+            "POST /echo-headers HTTP/1.1\r\nHost: a\r\n{headers}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let out = raw_outcome(proxy, req.as_bytes(), Duration::from_secs(3)).await;
+        assert_eq!(status_of(&out.text), 200, "{}", out.text);
+        let echoed = out.text.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert!(
+            !echoed.contains("content-length"),
+            "Content-Length removed: {echoed}"
+        );
+        assert!(
+            echoed.contains("transfer-encoding: chunked\n"),
+            "sent upstream chunked: {echoed}"
+        );
+        assert!(out.closed && out.elapsed < Duration::from_secs(2));
+    }
+    assert_eq!(b.hits(), 4);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_host_differing_from_authority_is_refused() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let cfg = config(&custom_config(0.0, "", "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let send = |host: &'static str| async move {
+        let tcp = TcpStream::connect(proxy).await.unwrap();
+        let req = Request::get("http://a.example/")
+            .header("host", host)
+            .body(empty())
+            .unwrap();
+        h2_send(tcp, req).await.expect("h2 exchange")
+    };
+    let resp = send("b.example").await;
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(resp.status(), 400);
+    assert_eq!(b.hits(), 0);
+    // The same request with a matching host goes through.
+    let resp = send("a.example").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(b.hits(), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshake_timeout_closes_a_silent_client() {
+    let dir = TempDir::new("hs");
+    let cert = TestCert::generate(dir.path(), "default", &["default.test"]);
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let listener = format!(
+        "tls = {{ {} }}\nhandshake_timeout = \"400ms\"",
+        cert.toml_pair()
+    );
+    let cfg = config(&custom_config(0.0, &listener, "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let errors = || metric(&server, "cyan_tls_handshake_errors_total", &[]);
+    assert_eq!(errors(), 0.0);
+    let out = raw_outcome(proxy, b"", Duration::from_secs(5)).await;
+    assert!(out.closed, "cyan closed the silent connection");
+    assert!(out.text.is_empty());
+    assert_near(
+        "handshake timeout",
+        out.elapsed,
+        Duration::from_millis(400),
+        Duration::from_millis(1200),
+    );
+    eprintln!("handshake_timeout 400ms: closed after {:?}", out.elapsed);
+    assert!(eventually(Duration::from_secs(2), || errors() == 1.0).await);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_head_is_cut_at_header_timeout() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let listener = "header_timeout = \"400ms\"\nidle_timeout = \"10s\"";
+    let cfg = config(&custom_config(0.0, listener, "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let s = TcpStream::connect(proxy).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let start = Instant::now();
+    wr.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    // Keep the head coming, a header every 50 ms, never finishing it (at
+    // most 100 of them: 5 s).
+    let writer = tokio::spawn(async move {
+        for i in 0..100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if wr
+                .write_all(format!("X-T{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut out)).await;
+    let elapsed = start.elapsed();
+    writer.abort();
+    assert!(read.is_ok(), "connection not closed within 5 s");
+    assert_near(
+        "header timeout",
+        elapsed,
+        Duration::from_millis(400),
+        Duration::from_millis(1200),
+    );
+    eprintln!("header_timeout 400ms (trickled head): closed after {elapsed:?}");
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.is_empty() || status_of(&text) == 408,
+        "nothing or a 408: {text}"
+    );
+    assert_eq!(b.hits(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_body_gets_408_at_body_idle_timeout() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let listener = "body_idle_timeout = \"400ms\"";
+    let cfg = config(&custom_config(0.0, listener, "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let req = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n0123456789";
+    let out = raw_outcome(proxy, req, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&out.text), 408, "{}", out.text);
+    assert!(out.closed, "the connection is closed after a 408");
+    assert_near(
+        "body idle timeout",
+        out.elapsed,
+        Duration::from_millis(400),
+        Duration::from_millis(1200),
+    );
+    eprintln!("body_idle_timeout 400ms: 408 after {:?}", out.elapsed);
+    assert_eq!(b.hits(), 1, "the request was on its way upstream");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_at_idle_timeout() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    // header_timeout longer than idle_timeout, so only the idle watchdog can
+    // close these connections this early.
+    let listener = "idle_timeout = \"400ms\"\nheader_timeout = \"5s\"";
+    let cfg = config(&custom_config(0.0, listener, "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+
+    // A connection that never sends anything.
+    let out = raw_outcome(proxy, b"", Duration::from_secs(5)).await;
+    assert!(out.closed && out.text.is_empty());
+    assert_near(
+        "idle (no request)",
+        out.elapsed,
+        Duration::from_millis(400),
+        Duration::from_millis(1200),
+    );
+    eprintln!(
+        "idle_timeout 400ms, fresh connection: closed after {:?}",
+        out.elapsed
+    );
+
+    // A keep-alive connection after one request.
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_one_response(&mut s, Duration::from_secs(3))
+        .await
+        .expect("a response, connection kept open");
+    assert_eq!(status_of(&resp), 200);
+    let out = exchange_on(&mut s, b"", Duration::from_secs(5)).await;
+    assert!(out.closed && out.text.is_empty(), "{}", out.text);
+    assert_near(
+        "idle (keep-alive)",
+        out.elapsed,
+        Duration::from_millis(400),
+        Duration::from_millis(1200),
+    );
+    eprintln!(
+        "idle_timeout 400ms, after a request: closed after {:?}",
+        out.elapsed
+    );
+
+    // HTTP/2: the idle connection is ended (GOAWAY, then close).
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let resp = tx
+        .send_request(
+            Request::get(format!("http://{proxy}/"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    body_text(resp).await;
+    let start = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "h2 connection not ended by the idle timeout");
+    assert_near(
+        "idle (h2)",
+        start.elapsed(),
+        Duration::from_millis(400),
+        Duration::from_millis(1200),
+    );
+    eprintln!("idle_timeout 400ms, h2: ended after {:?}", start.elapsed());
+    server.shutdown().await;
+}
+
+/// A loopback listener whose accept queue is full: new connects hang (the
+/// kernel drops their SYNs). Keep the returned values alive.
+async fn blackhole() -> (socket2::Socket, Vec<TcpStream>, SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    let mut full = false;
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => fillers.push(s),
+            Ok(Err(e)) => panic!("connect to the never-accepting listener failed: {e}"),
+            Err(_) => {
+                full = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        full,
+        "the accept queue never filled: connects to a full backlog do not hang on this kernel"
+    );
+    (sock, fillers, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connect_timeout_gives_504() {
+    let (_sock, _fillers, hole) = blackhole().await;
+    let template = custom_config(
+        0.0,
+        "",
+        "upstream = { connect_timeout = \"300ms\" }",
+        "",
+        "",
+    )
+    .replace("[{blue}]", &format!("[\"{hole}\"]"))
+    .replace("[{green}]", &format!("[\"{hole}\"]"));
+    let cfg = config(&template, &[], &[]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    let start = Instant::now();
+    let (status, _, body) = get(&client, proxy, "/", &[]).await;
+    let elapsed = start.elapsed();
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("connect timed out"), "{body}");
+    // One attempt per color, each cut at connect_timeout (default: 3 s).
+    assert_near(
+        "connect timeout (2 attempts)",
+        elapsed,
+        Duration::from_millis(600),
+        Duration::from_millis(1200),
+    );
+    eprintln!("connect_timeout 300ms, two attempts: 504 after {elapsed:?}");
+    assert_eq!(
+        metric(&server, "cyan_upstream_errors_total", &["kind=\"timeout\""]),
+        2.0
+    );
+    assert_eq!(metric(&server, "cyan_retries_total", &[]), 1.0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_response_timeout_per_pool() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    // The service default is long; the blue pool overrides it.
+    let cfg = config(
+        &custom_config(
+            0.0,
+            "",
+            "upstream = { response_timeout = \"20s\" }",
+            ", response_timeout = \"300ms\"",
+            "",
+        ),
+        &[&b],
+        &[&g],
+    );
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    let start = Instant::now();
+    let (status, _, body) = get(&client, proxy, "/delay/3000", &[]).await;
+    let elapsed = start.elapsed();
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("response timed out"), "{body}");
+    assert_near(
+        "response timeout",
+        elapsed,
+        Duration::from_millis(300),
+        Duration::from_millis(1000),
+    );
+    eprintln!("response_timeout 300ms: 504 after {elapsed:?}");
+    // Sent, so not retried on green.
+    assert_eq!(g.hits(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_holds_new_connections_in_the_backlog() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let listener = "max_connections = 2";
+    let cfg = config(&custom_config(0.0, listener, "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let req = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut first = TcpStream::connect(proxy).await.unwrap();
+    let mut second = TcpStream::connect(proxy).await.unwrap();
+    for s in [&mut first, &mut second] {
+        s.write_all(req).await.unwrap();
+        let r = read_one_response(s, Duration::from_secs(3)).await;
+        assert_eq!(r.as_deref().map(status_of), Some(200));
+    }
+    assert!(
+        eventually(Duration::from_secs(2), || metric(
+            &server,
+            "cyan_connections_open",
+            &[]
+        ) == 2.0)
+        .await
+    );
+
+    // The third connection completes in the kernel but is not accepted.
+    let mut third = TcpStream::connect(proxy).await.unwrap();
+    third.write_all(req).await.unwrap();
+    let busy_before = runtime_busy();
+    let waited = read_one_response(&mut third, Duration::from_millis(300)).await;
+    let busy = runtime_busy().saturating_sub(busy_before);
+    assert!(waited.is_none(), "answered over the cap: {waited:?}");
+    // Waiting for a permit is not a spin: the runtime stays mostly parked.
+    assert!(
+        busy < Duration::from_millis(60),
+        "runtime busy {busy:?} in 300 ms"
+    );
+    eprintln!("max_connections: third connection waited; runtime busy {busy:?} over 300 ms");
+
+    // The connections already in keep being served.
+    first.write_all(req).await.unwrap();
+    let r = read_one_response(&mut first, Duration::from_secs(3)).await;
+    assert_eq!(r.as_deref().map(status_of), Some(200));
+    assert_eq!(metric(&server, "cyan_connections_open", &[]), 2.0);
+
+    // One closes: the waiting connection is accepted and answered.
+    drop(second);
+    let start = Instant::now();
+    let r = read_one_response(&mut third, Duration::from_secs(3)).await;
+    assert_eq!(
+        r.as_deref().map(status_of),
+        Some(200),
+        "answered once a slot freed"
+    );
+    eprintln!(
+        "max_connections: third answered {:?} after a slot freed",
+        start.elapsed()
+    );
+    assert_eq!(b.hits(), 4);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_h1_h2_and_wrong_name() {
+    let dir = TempDir::new("up");
+    let cert = TestCert::generate(dir.path(), "backend", &["backend.test"]);
+    let b = Backend::start_tls("blue", &cert).await;
+    let ca = cert.cert_path.display().to_string();
+    let both = |template: String| template.replace("[{green}]", "[{blue}]");
+
+    // HTTP/1.1 over TLS.
+    let tls = format!(", tls = {{ ca = \"{ca}\", server_name = \"backend.test\" }}");
+    let cfg = config(&both(custom_config(0.0, "", "", &tls, &tls)), &[&b], &[]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let (status, _, body) = get(&h1_client(), proxy, "/echo-headers", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("GET /echo-headers HTTP/1.1\n"), "{body}");
+    assert_eq!(
+        b.tls_handshakes.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    server.shutdown().await;
+
+    // HTTP/2 over TLS (ALPN h2).
+    let h2 = format!("{tls}, protocol = \"h2\"");
+    let cfg = config(&both(custom_config(0.0, "", "", &h2, &h2)), &[&b], &[]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let (status, _, body) = get(&h1_client(), proxy, "/echo-headers", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with(&format!("GET https://{proxy}/echo-headers HTTP/2.0\n")),
+        "{body}"
+    );
+    assert_eq!(
+        b.tls_handshakes.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    server.shutdown().await;
+    assert_eq!(b.hits(), 2);
+
+    // A server name the certificate does not cover: no HTTP is exchanged.
+    let wrong = format!(", tls = {{ ca = \"{ca}\", server_name = \"other.test\" }}");
+    let cfg = config(
+        &both(custom_config(0.0, "", "", &wrong, &wrong)),
+        &[&b],
+        &[],
+    );
+    let (server, proxy) = start_proxy(&cfg).await;
+    let (status, _, body) = get(&h1_client(), proxy, "/", &[]).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(b.hits(), 2, "nothing reached the backend");
+    assert_eq!(
+        metric(&server, "cyan_upstream_errors_total", &["kind=\"connect\""]),
+        2.0,
+        "one failed handshake per color"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_counts_upgraded_tunnels() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let listener = "max_connections = 1";
+    let cfg = config(&custom_config(0.0, listener, "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{proxy}/ws"), tcp)
+        .await
+        .expect("websocket through cyan");
+    ws.send(Message::text("ping")).await.unwrap();
+    let echo = tokio::time::timeout(Duration::from_secs(3), ws.next()).await;
+    assert!(matches!(echo, Ok(Some(Ok(m))) if m == Message::text("ping")));
+
+    // The tunnel is an open client connection: it holds the only slot.
+    assert_eq!(metric(&server, "cyan_connections_open", &[]), 1.0);
+    let mut other = TcpStream::connect(proxy).await.unwrap();
+    other
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let waited = read_one_response(&mut other, Duration::from_millis(300)).await;
+    assert!(
+        waited.is_none(),
+        "answered over the cap while a tunnel is open"
+    );
+
+    // The tunnel ends: its slot frees and the waiting connection is served.
+    drop(ws);
+    let r = read_one_response(&mut other, Duration::from_secs(3)).await;
+    assert_eq!(r.as_deref().map(status_of), Some(200));
+    server.shutdown().await;
+}
