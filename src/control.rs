@@ -207,6 +207,13 @@ impl Controller {
             .replace_config(&new, actor)
             .map_err(ReloadError::Table)?;
         for (resolver, store) in stores {
+            if let Some((name, _)) = self.tls_resolvers.iter().find(|(_, r)| Arc::ptr_eq(r, &resolver)) {
+                self.table
+                    .metrics()
+                    .tls_cert_not_after
+                    .with_label_values(&[name])
+                    .set(store.not_after);
+            }
             // Open connections keep their session; new handshakes see the
             // new certificate.
             resolver.store.store(Arc::new(store));

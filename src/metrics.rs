@@ -56,6 +56,7 @@ pub struct Metrics {
     pub rollbacks_held: IntCounterVec,
     pub rollout_step: IntGaugeVec,
     pub health_checks: IntCounterVec,
+    pub tls_cert_not_after: IntGaugeVec,
 }
 
 /// Request-path handles for one (service, color).
@@ -289,6 +290,17 @@ impl Metrics {
             )
             .expect("valid"),
         );
+        let tls_cert_not_after = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "cyan_tls_cert_not_after_timestamp_seconds",
+                    "Earliest notAfter (Unix seconds) among a TLS listener's certificates.",
+                ),
+                &["listener"],
+            )
+            .expect("valid"),
+        );
         let build_info = reg(
             &r,
             IntGaugeVec::new(
@@ -327,6 +339,7 @@ impl Metrics {
             rollbacks_held,
             rollout_step,
             health_checks,
+            tls_cert_not_after,
         })
     }
 

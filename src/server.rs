@@ -168,6 +168,10 @@ impl Server {
                             name: lc.name.clone(),
                             source,
                         })?;
+                    metrics
+                        .tls_cert_not_after
+                        .with_label_values(&[&lc.name])
+                        .set(resolver.store.load().not_after);
                     tls_resolvers.push((lc.name.clone(), resolver));
                     Some(TlsAcceptor::from(cfg))
                 }
