@@ -37,8 +37,16 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("request body idle for longer than {0:?}")]
 pub struct BodyIdleTimeout(pub Duration);
 
-/// Signalled when a request body has been fully read.
-pub type BodySent = Arc<Notify>;
+/// A client body's progress: notified when it has been fully read, and how
+/// many bytes it carried (for the access log).
+#[derive(Debug, Default)]
+pub struct BodyProgress {
+    pub done: Notify,
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
+/// Shared between the body going upstream and the request's accounting.
+pub type BodySent = Arc<BodyProgress>;
 
 /// A body sent upstream.
 #[derive(Debug)]
@@ -64,7 +72,7 @@ impl ReqBody {
         if inner.is_end_stream() {
             return (ReqBody::Empty, None);
         }
-        let sent = Arc::new(Notify::new());
+        let sent = Arc::new(BodyProgress::default());
         let body = ClientBody {
             inner,
             idle,
@@ -78,7 +86,7 @@ impl ReqBody {
 impl ClientBody {
     fn finish(&mut self) {
         if let Some(sent) = self.sent.take() {
-            sent.notify_one();
+            sent.done.notify_one();
         }
     }
 }
@@ -98,6 +106,10 @@ impl Body for ReqBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(t) = b.timer.as_mut() {
                         t.as_mut().reset(tokio::time::Instant::now() + b.idle);
+                    }
+                    if let (Some(d), Some(sent)) = (frame.data_ref(), b.sent.as_ref()) {
+                        sent.bytes
+                            .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
@@ -150,6 +162,31 @@ impl Drop for ClientBody {
 pub struct RequestGuard {
     conn: Arc<ConnActivity>,
     upstream: Option<UpstreamPart>,
+    /// Filled only when the access log is on.
+    access: Option<Box<AccessInfo>>,
+}
+
+/// What the access log needs to know about a request, gathered as it goes.
+#[derive(Debug)]
+pub struct AccessInfo {
+    pub log: crate::access_log::AccessLog,
+    pub time: std::time::SystemTime,
+    pub start: Instant,
+    pub client: std::net::SocketAddr,
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub version: http::Version,
+    pub host: Option<http::HeaderValue>,
+    pub request_id: Option<http::HeaderValue>,
+    pub service: Option<Arc<str>>,
+    pub color: Option<crate::config::Color>,
+    pub reason: Option<&'static str>,
+    pub endpoint: Option<std::net::SocketAddr>,
+    pub generation: u64,
+    pub status: u16,
+    pub error: Option<&'static str>,
+    pub body: Option<BodySent>,
+    pub bytes_out: u64,
 }
 
 #[derive(Debug)]
@@ -171,7 +208,19 @@ impl RequestGuard {
         RequestGuard {
             conn,
             upstream: None,
+            access: None,
         }
+    }
+
+    /// Turns on access logging for this request.
+    pub fn set_access(&mut self, info: AccessInfo) {
+        self.access = Some(Box::new(info));
+    }
+
+    /// The access record being gathered, when the access log is on.
+    #[inline]
+    pub fn access(&mut self) -> Option<&mut AccessInfo> {
+        self.access.as_deref_mut()
     }
 
     /// Records that the request is being served by `upstream`: the endpoint
@@ -182,6 +231,9 @@ impl RequestGuard {
         upstream: Arc<Upstream>,
         start: Instant,
     ) {
+        if let Some(a) = self.access.as_deref_mut() {
+            a.endpoint = Some(upstream.addr);
+        }
         upstream.in_flight_inc();
         metrics.in_flight.inc();
         self.upstream = Some(UpstreamPart {
@@ -212,6 +264,9 @@ impl RequestGuard {
     /// The status sent to the client and the connection to return to the
     /// pool once the body has been read to its end.
     pub fn set_response(&mut self, status: u16, pooled: Option<Pooled>) {
+        if let Some(a) = self.access.as_deref_mut() {
+            a.status = status;
+        }
         if let Some(u) = self.upstream.as_mut() {
             u.status = status;
             u.pooled = pooled;
@@ -237,6 +292,34 @@ impl RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.conn.request_finished();
+        if let Some(a) = self.access.take() {
+            let a = *a;
+            let bytes_in = a
+                .body
+                .as_ref()
+                .map_or(0, |b| b.bytes.load(std::sync::atomic::Ordering::Relaxed));
+            a.log.log(crate::access_log::Record {
+                time: a.time,
+                request_id: a.request_id,
+                client: a.client,
+                method: a.method,
+                host: a.host,
+                uri: a.uri,
+                version: a.version,
+                status: a.status,
+                bytes_in,
+                bytes_out: a.bytes_out,
+                duration: a.start.elapsed(),
+                service: a.service,
+                color: a.color,
+                reason: a.reason,
+                endpoint: a.endpoint,
+                generation: a.generation,
+                error: a
+                    .error
+                    .or(self.upstream.as_ref().filter(|u| u.failed).map(|_| "reset")),
+            });
+        }
         if let Some(u) = self.upstream.take() {
             u.upstream.in_flight_dec();
             u.metrics.in_flight.dec();
@@ -273,8 +356,11 @@ enum RespInner {
 
 impl RespBody {
     /// A short fixed body.
-    pub fn full(data: impl Into<Bytes>, guard: Option<RequestGuard>) -> RespBody {
+    pub fn full(data: impl Into<Bytes>, mut guard: Option<RequestGuard>) -> RespBody {
         let data = data.into();
+        if let Some(a) = guard.as_mut().and_then(|g| g.access()) {
+            a.bytes_out = data.len() as u64;
+        }
         RespBody {
             inner: RespInner::Full((!data.is_empty()).then_some(data)),
             guard,
@@ -321,7 +407,15 @@ impl Body for RespBody {
                     }
                     Poll::Ready(Some(Err(e.into())))
                 }
-                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+                Poll::Ready(Some(Ok(f))) => {
+                    if let (Some(d), Some(a)) = (
+                        f.data_ref(),
+                        this.guard.as_mut().and_then(|g| g.access.as_deref_mut()),
+                    ) {
+                        a.bytes_out += d.len() as u64;
+                    }
+                    Poll::Ready(Some(Ok(f)))
+                }
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },

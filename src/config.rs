@@ -80,6 +80,13 @@ struct RawConfig {
     admin: Option<RawAdmin>,
     state: Option<RawState>,
     metrics: Option<RawMetrics>,
+    access_log: Option<RawAccessLog>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    path: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,6 +303,8 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// `[metrics] listen`; `None` = no metrics/health listener.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[access_log] path`; `None` = no access log.
+    pub access_log: Option<crate::access_log::Target>,
 }
 
 /// An admin role: `read` sees, `operate` also changes.
@@ -858,6 +867,10 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             }
         });
     let state_dir = raw.state.map(|s| resolve(base, s.dir));
+    let access_log = raw.access_log.map(|a| match a.path.as_str() {
+        "stdout" | "-" => crate::access_log::Target::Stdout,
+        p => crate::access_log::Target::File(resolve(base, PathBuf::from(p))),
+    });
 
     if p.0.is_empty() {
         Ok(Config {
@@ -867,6 +880,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             admin: admin.flatten(),
             state_dir,
             metrics_listen,
+            access_log,
         })
     } else {
         Err(ConfigError {

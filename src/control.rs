@@ -207,7 +207,11 @@ impl Controller {
             .replace_config(&new, actor)
             .map_err(ReloadError::Table)?;
         for (resolver, store) in stores {
-            if let Some((name, _)) = self.tls_resolvers.iter().find(|(_, r)| Arc::ptr_eq(r, &resolver)) {
+            if let Some((name, _)) = self
+                .tls_resolvers
+                .iter()
+                .find(|(_, r)| Arc::ptr_eq(r, &resolver))
+            {
                 self.table
                     .metrics()
                     .tls_cert_not_after

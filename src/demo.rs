@@ -27,6 +27,13 @@ drain_timeout = "5s"
 [admin]
 socket = "{socket}"
 
+[metrics]
+listen = "127.0.0.1:0"
+
+# One JSON line per request on stdout: which color served and why.
+[access_log]
+path = "stdout"
+
 [[listener]]
 name = "demo"
 listen = "{listen}"
@@ -135,8 +142,11 @@ pub fn demo_socket() -> std::path::PathBuf {
 }
 
 /// What `cyan demo` prints once it is up.
-pub fn banner(proxy: SocketAddr, socket: &std::path::Path) -> String {
+pub fn banner(proxy: SocketAddr, socket: &std::path::Path, metrics: Option<SocketAddr>) -> String {
     let url = format!("http://{proxy}");
+    let metrics = metrics.map_or(String::new(), |m| {
+        format!("  curl -s http://{m}/metrics | grep ^cyan_requests_total\n")
+    });
     let ctl = format!("cargo run --release -- ctl --socket {}", socket.display());
     format!(
         "cyan demo: proxy on {url}  (blue stable, 10% green, sticky on x-user-id)\n\
@@ -152,6 +162,9 @@ pub fn banner(proxy: SocketAddr, socket: &std::path::Path) -> String {
          \x20 {ctl} split gateway 50 --reason 'half and half'\n\
          \x20 {ctl} promote gateway    # green takes 100% and becomes stable\n\
          \x20 {ctl} events             # who changed what, and why\n\
+         \n\
+         {metrics}\
+         Each request is logged below as one JSON line (color, color_reason).\n\
          \n\
          Ctrl-C stops it.\n"
     )

@@ -60,6 +60,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations)]
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod body;

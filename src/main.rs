@@ -372,7 +372,7 @@ async fn demo(listen: SocketAddr) -> ExitCode {
         }
     };
     let addr = app.server.local_addr("demo").unwrap_or(listen);
-    println!("{}", cyan::demo::banner(addr, &socket));
+    println!("{}", cyan::demo::banner(addr, &socket, app.metrics_addr));
     wait_for_signals(None).await;
     let report = app.shutdown().await;
     let _ = std::fs::remove_file(&socket);

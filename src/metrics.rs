@@ -57,6 +57,7 @@ pub struct Metrics {
     pub rollout_step: IntGaugeVec,
     pub health_checks: IntCounterVec,
     pub tls_cert_not_after: IntGaugeVec,
+    pub access_log_dropped: IntCounter,
 }
 
 /// Request-path handles for one (service, color).
@@ -301,6 +302,14 @@ impl Metrics {
             )
             .expect("valid"),
         );
+        let access_log_dropped = reg(
+            &r,
+            IntCounter::new(
+                "cyan_access_log_dropped_total",
+                "Access log records dropped because the writer could not keep up.",
+            )
+            .expect("valid"),
+        );
         let build_info = reg(
             &r,
             IntGaugeVec::new(
@@ -340,6 +349,7 @@ impl Metrics {
             rollout_step,
             health_checks,
             tls_cert_not_after,
+            access_log_dropped,
         })
     }
 

@@ -28,7 +28,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use prometheus::{IntCounter, IntGauge};
 
-use crate::body::{BodyIdleTimeout, ReqBody, RequestGuard, RespBody};
+use crate::body::{AccessInfo, BodyIdleTimeout, ReqBody, RequestGuard, RespBody};
 use crate::config::{Color, ListenerConfig, Protocol};
 use crate::headers::{self, Reject};
 use crate::metrics::{ErrorKind, Metrics};
@@ -49,10 +49,17 @@ pub struct ListenerCtx {
     rejected: [IntCounter; 8],
     pub connections_open: IntGauge,
     pub tls_handshake_errors: IntCounter,
+    /// The access log, when `[access_log]` is configured.
+    pub access_log: Option<crate::access_log::AccessLog>,
 }
 
 impl ListenerCtx {
-    pub fn new(index: usize, config: ListenerConfig, metrics: &Metrics) -> ListenerCtx {
+    pub fn new(
+        index: usize,
+        config: ListenerConfig,
+        metrics: &Metrics,
+        access_log: Option<crate::access_log::AccessLog>,
+    ) -> ListenerCtx {
         let name = config.name.clone();
         ListenerCtx {
             index,
@@ -63,6 +70,7 @@ impl ListenerCtx {
             }),
             connections_open: metrics.connections_open.with_label_values(&[&name]),
             tls_handshake_errors: metrics.tls_handshake_errors.with_label_values(&[&name]),
+            access_log,
             config,
         }
     }
@@ -93,12 +101,37 @@ pub struct ConnCtx {
 /// Handles one request. Never fails: every error is a response.
 pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<Incoming>) -> Response<RespBody> {
     let start = Instant::now();
-    let guard = RequestGuard::new(conn.activity.clone());
+    let mut guard = RequestGuard::new(conn.activity.clone());
+    if let Some(log) = &conn.listener.access_log {
+        guard.set_access(AccessInfo {
+            log: log.clone(),
+            time: std::time::SystemTime::now(),
+            start,
+            client: conn.peer,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            host: req.headers().get(header::HOST).cloned(),
+            request_id: None,
+            service: None,
+            color: None,
+            reason: None,
+            endpoint: None,
+            generation: 0,
+            status: 0,
+            error: None,
+            body: None,
+            bytes_out: 0,
+        });
+    }
     let host = match headers::check_request(&req, conn.listener.config.max_header_bytes) {
         Ok(h) => h,
         Err(r) => return reject(conn, r, guard),
     };
     let snapshot = table.load();
+    if let Some(a) = guard.access() {
+        a.generation = snapshot.generation;
+    }
     let Some(svc) = snapshot.route(conn.listener.index, host, req.uri().path()) else {
         let r = Reject {
             status: StatusCode::NOT_FOUND,
@@ -109,8 +142,15 @@ pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<Incoming>) -> Re
     forward(svc, conn, req, guard, start).await
 }
 
-fn reject(conn: &ConnCtx, r: Reject, guard: RequestGuard) -> Response<RespBody> {
+fn reject(conn: &ConnCtx, r: Reject, mut guard: RequestGuard) -> Response<RespBody> {
     tracing::debug!(peer = %conn.peer, status = r.status.as_u16(), reason = r.reason, "request refused");
+    if let Some(a) = guard.access() {
+        a.error = Some(if r.status == StatusCode::NOT_FOUND {
+            "no_route"
+        } else {
+            "rejected"
+        });
+    }
     conn.listener.count_rejected(r.status);
     let mut resp = text_response(r.status, r.reason, guard);
     if r.status != StatusCode::NOT_FOUND {
@@ -121,7 +161,10 @@ fn reject(conn: &ConnCtx, r: Reject, guard: RequestGuard) -> Response<RespBody> 
     resp
 }
 
-fn text_response(status: StatusCode, reason: &str, guard: RequestGuard) -> Response<RespBody> {
+fn text_response(status: StatusCode, reason: &str, mut guard: RequestGuard) -> Response<RespBody> {
+    if let Some(a) = guard.access() {
+        a.status = status.as_u16();
+    }
     let mut body = String::with_capacity(reason.len() + 16);
     body.push_str(status.as_str());
     body.push(' ');
@@ -144,7 +187,7 @@ async fn forward(
     start: Instant,
 ) -> Response<RespBody> {
     let client_ip = headers::client_ip(req.headers(), conn.peer.ip(), &conn.listener.config);
-    let (color, _reason) = svc.split.choose(req.headers(), client_ip);
+    let (color, reason) = svc.split.choose(req.headers(), client_ip);
     let pool = svc.pool(color);
     // Every endpoint of the chosen pool out: the other color takes the
     // request when it can (service `fallback`, on by default).
@@ -156,8 +199,19 @@ async fn forward(
             .map(|i| (color.other(), i)),
         None => None,
     };
+    if let Some(a) = guard.access() {
+        a.service = Some(svc.name.clone());
+        a.color = Some(picked.map_or(color, |(c, _)| c));
+        a.reason = Some(match picked {
+            Some((c, _)) if c != color => "fallback",
+            _ => reason.as_str(),
+        });
+    }
     let Some((color, idx)) = picked else {
         tracing::warn!(service = %svc.name, %color, "no eligible endpoint");
+        if let Some(a) = guard.access() {
+            a.error = Some("no_endpoint");
+        }
         let mut resp = text_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "no healthy endpoint",
@@ -199,9 +253,15 @@ async fn forward(
         host_value.to_str().unwrap_or(""),
     );
     let request_id = headers::ensure_request_id(&mut parts.headers);
+    if let Some(a) = guard.access() {
+        a.request_id = Some(request_id.clone());
+    }
     parts.extensions = http::Extensions::new();
 
     let (body, body_sent) = ReqBody::client(body, conn.listener.config.body_idle_timeout);
+    if let Some(a) = guard.access() {
+        a.body = body_sent.clone();
+    }
     let mut up_req = Request::from_parts(parts, body);
 
     let mut color = color;
@@ -421,6 +481,13 @@ fn upstream_error(
     };
     tracing::warn!(service = %svc.name, %color, endpoint = %addr, status = status.as_u16(), error = %error, "upstream error");
     guard.set_response(status.as_u16(), None);
+    if let Some(a) = guard.access() {
+        a.error = Some(if status == StatusCode::REQUEST_TIMEOUT {
+            "body_timeout"
+        } else {
+            error_kind(error).as_str()
+        });
+    }
     let mut resp = text_response(status, reason, guard);
     if status == StatusCode::REQUEST_TIMEOUT {
         resp.headers_mut()

@@ -160,6 +160,13 @@ impl Server {
         let mut addrs = Vec::new();
         let mut tls_resolvers = Vec::new();
         let mut bound = Vec::new();
+        let access_log = match &config.access_log {
+            Some(target) => Some(
+                crate::access_log::AccessLog::start(target, metrics.access_log_dropped.clone())
+                    .map_err(|e| StartError::Table(format!("access log {target:?}: {e}")))?,
+            ),
+            None => None,
+        };
         for (index, lc) in config.listeners.iter().enumerate() {
             let acceptor = match &lc.tls {
                 Some(t) => {
@@ -188,7 +195,12 @@ impl Server {
                 source,
             })?;
             addrs.push((lc.name.clone(), local));
-            let ctx = Arc::new(ListenerCtx::new(index, lc.clone(), &metrics));
+            let ctx = Arc::new(ListenerCtx::new(
+                index,
+                lc.clone(),
+                &metrics,
+                access_log.clone(),
+            ));
             bound.push((ctx, listener, acceptor));
         }
         for (ctx, listener, acceptor) in bound {

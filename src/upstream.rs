@@ -394,7 +394,7 @@ impl Upstream {
         let after = self.settings.response_timeout;
         let timer = async {
             if let Some(sent) = body_sent {
-                sent.notified().await;
+                sent.done.notified().await;
             }
             tokio::time::sleep(after).await;
         };

@@ -573,3 +573,75 @@ async fn p2c_spreads_over_the_pool() {
     ));
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_one_json_line_per_request() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let path = std::env::temp_dir().join(format!(
+        "cyan-access-{}-{}.log",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let extra = "sticky = { header = \"x-user-id\" }\noverride_header = \"x-cyan-color\"";
+    let template = format!(
+        "[access_log]\npath = \"{}\"\n{}",
+        path.display(),
+        service_config(0.0, extra)
+    );
+    let cfg = config(&template, &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    get(
+        &client,
+        proxy,
+        "/one?q=1",
+        &[("x-user-id", "u1"), ("x-request-id", "rid-1")],
+    )
+    .await;
+    get(&client, proxy, "/two", &[("x-cyan-color", "green")]).await;
+    let body = "x".repeat(1000);
+    let req = http::Request::post(format!("http://{proxy}/upload"))
+        .body(full(body))
+        .unwrap();
+    client.request(req).await.unwrap();
+    raw_exchange(proxy, b"GET / HTTP/1.1\r\n\r\n", Duration::from_secs(2)).await;
+    let read = || std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        eventually(Duration::from_secs(3), || read().lines().count() == 4).await,
+        "{}",
+        read()
+    );
+    let lines: Vec<serde_json::Value> = read()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    let first = &lines[0];
+    assert_eq!(first["request_id"], "rid-1");
+    assert_eq!(first["path"], "/one?q=1");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["service"], "gateway");
+    assert_eq!(first["color"], "blue");
+    assert_eq!(first["color_reason"], "fixed");
+    assert_eq!(first["endpoint"], b.addr.to_string());
+    assert_eq!(first["generation"], 1);
+    assert_eq!(first["protocol"], "HTTP/1.1");
+    assert!(first["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(first["bytes_out"].as_u64().unwrap() > 0);
+    assert!(first["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(first.get("error").is_none());
+    assert_eq!(
+        (
+            lines[1]["color"].as_str(),
+            lines[1]["color_reason"].as_str()
+        ),
+        (Some("green"), Some("override"))
+    );
+    assert_eq!(lines[2]["bytes_in"], 1000);
+    assert_eq!(
+        (lines[3]["status"].as_u64(), lines[3]["error"].as_str()),
+        (Some(400), Some("rejected"))
+    );
+    server.shutdown().await;
+    let _ = std::fs::remove_file(&path);
+}
