@@ -233,7 +233,7 @@ pub fn observe(s: &Service, now: Instant, since: Option<Instant>) -> Observation
 /// Runs the analysis and rollouts of every service until `stop`.
 pub fn spawn_driver(table: Arc<Table>, stop: CancellationToken) {
     tokio::spawn(async move {
-        let mut trackers: HashMap<Arc<str>, (Tracker, Instant, bool)> = HashMap::new();
+        let mut trackers: HashMap<Arc<str>, DriverState> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -248,15 +248,30 @@ pub fn spawn_driver(table: Arc<Table>, stop: CancellationToken) {
                 let cfg = &svc.config.rollback;
                 let entry = trackers
                     .entry(svc.name.clone())
-                    .or_insert_with(|| (Tracker::default(), now, false));
-                if now.duration_since(entry.1) < cfg.evaluate_every {
+                    .or_insert_with(|| DriverState {
+                        tracker: Tracker::default(),
+                        last_eval: now,
+                        both_bad_logged: false,
+                        hold_noted: None,
+                    });
+                if now.duration_since(entry.last_eval) < cfg.evaluate_every {
                     continue;
                 }
-                entry.1 = now;
+                entry.last_eval = now;
                 drive_service(&table, svc, cfg, now, now_ms, entry);
             }
         }
     });
+}
+
+/// The driver's memory of one service between evaluations.
+#[derive(Debug)]
+struct DriverState {
+    tracker: Tracker,
+    last_eval: Instant,
+    both_bad_logged: bool,
+    /// The rollout step (and its start) whose overdue hold was audited.
+    hold_noted: Option<(usize, u64)>,
 }
 
 fn drive_service(
@@ -265,8 +280,14 @@ fn drive_service(
     cfg: &RollbackConfig,
     now: Instant,
     now_ms: u64,
-    (tracker, _, both_bad_logged): &mut (Tracker, Instant, bool),
+    st: &mut DriverState,
 ) {
+    let DriverState {
+        tracker,
+        both_bad_logged,
+        hold_noted,
+        ..
+    } = st;
     let name = svc.name.to_string();
     let bp = svc.split.candidate_bp;
     // A latched service steps further down until it reaches 0.
@@ -345,8 +366,13 @@ fn drive_service(
         .summary(now, since);
     if let Some(step) = next_step(r, plan, now_ms, &verdict, &since_step) {
         tracing::info!(service = %svc.name, step, percent = f64::from(r.steps[step]) / 100.0, requests = since_step.requests, failures = since_step.failures, "rollout advances");
+        let promoted = if r.steps[step] >= crate::split::BUCKETS {
+            "final step, candidate promoted: "
+        } else {
+            ""
+        };
         let reason = format!(
-            "held {}s with a healthy analysis: {}/{} candidate requests failed",
+            "{promoted}held {}s with a healthy analysis: {}/{} candidate requests failed",
             r.held_ms(now_ms) / 1000,
             since_step.failures,
             since_step.requests
@@ -357,6 +383,33 @@ fn drive_service(
             at_ms: now_ms,
         };
         let _ = table.apply(Change::new(cmd, Origin::Rollout, "rollout").reason(Some(reason)));
+    } else if r.paused_at_ms.is_none()
+        && r.held_ms(now_ms) >= plan.hold.as_millis() as u64
+        && *hold_noted != Some((r.step, r.step_started_ms))
+    {
+        // The hold is over but the analysis does not let the step advance:
+        // say why, once per step.
+        *hold_noted = Some((r.step, r.step_started_ms));
+        let why = match &verdict {
+            Verdict::Bad(t) => format!("analysis bad ({}: {})", t.kind, t.detail),
+            _ if since_step.requests < plan.min_requests => format!(
+                "only {} candidate requests since the step began (needs {})",
+                since_step.requests, plan.min_requests
+            ),
+            _ => "analysis inconclusive".to_string(),
+        };
+        tracing::info!(service = %svc.name, step = r.step, %why, "rollout holds");
+        table.note(
+            Origin::Rollout,
+            "rollout",
+            "rollout_hold",
+            Some(&name),
+            Some(format!(
+                "step {} holds past its {}s hold: {why}",
+                r.step,
+                plan.hold.as_secs()
+            )),
+        );
     }
 }
 

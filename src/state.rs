@@ -318,6 +318,18 @@ fn append(inner: &mut Inner, ev: AuditEvent) {
 }
 
 impl ChangeSink for StateStore {
+    fn note(
+        &self,
+        origin: Origin,
+        actor: &str,
+        action: &str,
+        service: Option<&str>,
+        generation: u64,
+        reason: Option<String>,
+    ) {
+        StateStore::note(self, origin, actor, action, service, generation, reason);
+    }
+
     fn committed(&self, event: &ChangeEvent<'_>) {
         let service = event.command.map(|c| c.service().to_string());
         let (before, after) = match &service {

@@ -666,6 +666,20 @@ pub struct ChangeEvent<'a> {
 /// audit log and the state file.
 pub trait ChangeSink: Send + Sync + std::fmt::Debug {
     fn committed(&self, event: &ChangeEvent<'_>);
+
+    /// Records something that is not a table change (a rollout holding, a
+    /// rejected reload).
+    fn note(
+        &self,
+        origin: Origin,
+        actor: &str,
+        action: &str,
+        service: Option<&str>,
+        generation: u64,
+        reason: Option<String>,
+    ) {
+        let _ = (origin, actor, action, service, generation, reason);
+    }
 }
 
 /// A successful `apply`.
@@ -717,6 +731,27 @@ impl Table {
     /// Sets where committed changes are recorded (once).
     pub fn set_sink(&self, sink: Arc<dyn ChangeSink>) {
         let _ = self.sink.set(sink);
+    }
+
+    /// Audits an event that changes nothing in the table.
+    pub fn note(
+        &self,
+        origin: Origin,
+        actor: &str,
+        action: &str,
+        service: Option<&str>,
+        reason: Option<String>,
+    ) {
+        if let Some(sink) = self.sink.get() {
+            sink.note(
+                origin,
+                actor,
+                action,
+                service,
+                self.load().generation,
+                reason,
+            );
+        }
     }
 
     fn commit(

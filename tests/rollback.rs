@@ -669,6 +669,24 @@ async fn a_restart_mid_rollout_continues_its_step() {
     // Without traffic it does not skip ahead, however long it waits.
     tokio::time::sleep(Duration::from_millis(1800)).await;
     assert_eq!(step(&app), Some(1));
+    // ...and the audit log says why it holds.
+    let (_, v) = call(&sock, Method::GET, "/v1/events?since=0&limit=100", None)
+        .await
+        .unwrap();
+    let hold = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "rollout_hold")
+        .cloned()
+        .expect("hold audited");
+    assert!(
+        hold["reason"]
+            .as_str()
+            .unwrap()
+            .contains("candidate requests"),
+        "{hold}"
+    );
     let load = Load::start(proxy, 4, "/");
     assert!(
         eventually(Duration::from_secs(8), || {
