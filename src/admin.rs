@@ -160,9 +160,14 @@ pub async fn start(
                         Caller::Refused(StatusCode::FORBIDDEN, "peer credentials unavailable")
                     }
                 };
-                let (cfg, ctl) = (cfg.clone(), ctl.clone());
+                let (cfg, ctl, stop) = (cfg.clone(), ctl.clone(), stop.clone());
                 tokio::spawn(async move {
-                    serve_conn(stream, move |_req| caller.clone(), cfg, ctl).await;
+                    // Open admin connections end with the listener: no change
+                    // can land once the drain has begun.
+                    tokio::select! {
+                        _ = serve_conn(stream, move |_req| caller.clone(), cfg, ctl) => {}
+                        _ = stop.cancelled() => {}
+                    }
                     drop(permit);
                 });
             }
@@ -194,8 +199,12 @@ pub async fn start(
                 };
                 let (cfg2, ctl) = (cfg.clone(), ctl.clone());
                 let tokens = cfg.clone();
+                let stop = stop.clone();
                 tokio::spawn(async move {
-                    serve_conn(stream, move |req| token_caller(&tokens, req), cfg2, ctl).await;
+                    tokio::select! {
+                        _ = serve_conn(stream, move |req| token_caller(&tokens, req), cfg2, ctl) => {}
+                        _ = stop.cancelled() => {}
+                    }
                     drop(permit);
                 });
             }

@@ -53,7 +53,7 @@ pub async fn start(
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 continue;
             };
-            let (metrics, ready) = (metrics.clone(), ready.clone());
+            let (metrics, ready, stop) = (metrics.clone(), ready.clone(), stop.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let resp = answer(&req, &metrics, &ready);
@@ -62,7 +62,10 @@ pub async fn start(
                 let mut b = hyper::server::conn::http1::Builder::new();
                 b.timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(5));
-                let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+                tokio::select! {
+                    _ = b.serve_connection(TokioIo::new(stream), svc) => {}
+                    _ = stop.cancelled() => {}
+                }
                 drop(permit);
             });
         }

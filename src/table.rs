@@ -127,25 +127,40 @@ impl Service {
     pub fn pool_mut(&mut self, color: Color) -> &mut Pool {
         &mut self.pools[color.index()]
     }
+}
 
-    /// How well this service matches a host (already without port) and path;
-    /// `None` when it does not. Higher is more specific.
-    fn match_score(&self, host: &str, path: &str) -> Option<(u8, usize, usize)> {
-        if !path_matches(&self.path_prefix, path) {
-            return None;
-        }
-        let host_score = self
-            .hosts
-            .iter()
-            .filter_map(|h| match h {
-                HostPattern::Exact(e) => host.eq_ignore_ascii_case(e).then_some((3u8, e.len())),
-                HostPattern::Suffix(s) => (host.len() > s.len()
-                    && host.as_bytes()[host.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes()))
-                .then_some((2, s.len())),
-                HostPattern::Any => Some((1, 0)),
-            })
-            .max()?;
-        Some((host_score.0, host_score.1, self.path_prefix.len()))
+/// One (host pattern, path prefix) → service entry of a listener's route
+/// list. Entries are sorted most specific first — exact host, then wildcard
+/// (longer first), then `*`; then the longer path prefix — so the first entry
+/// that matches a request is the best match.
+#[derive(Debug)]
+struct RouteEntry {
+    host: HostPattern,
+    prefix: Box<str>,
+    service: usize,
+}
+
+impl RouteEntry {
+    fn rank(&self) -> (u8, usize, usize) {
+        let (r, len) = match &self.host {
+            HostPattern::Exact(e) => (3, e.len()),
+            HostPattern::Suffix(s) => (2, s.len()),
+            HostPattern::Any => (1, 0),
+        };
+        (r, len, self.prefix.len())
+    }
+
+    #[inline]
+    fn matches(&self, host: &str, path: &str) -> bool {
+        let host_ok = match &self.host {
+            HostPattern::Exact(e) => host.eq_ignore_ascii_case(e),
+            HostPattern::Suffix(s) => {
+                host.len() > s.len()
+                    && host.as_bytes()[host.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+            }
+            HostPattern::Any => true,
+        };
+        host_ok && path_matches(&self.prefix, path)
     }
 }
 
@@ -181,8 +196,9 @@ pub fn host_without_port(host: &str) -> &str {
 pub struct RoutingTable {
     pub generation: u64,
     pub services: Vec<Service>,
-    /// For each listener (by index), the services it serves.
-    listener_services: Vec<Vec<usize>>,
+    /// For each listener (by index), its route entries, most specific first.
+    /// Shared by every generation: commands never change routing.
+    routes: Arc<Vec<Vec<RouteEntry>>>,
     pub listener_names: Vec<String>,
 }
 
@@ -253,21 +269,31 @@ impl RoutingTable {
             });
         }
         let listener_names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
-        let listener_services = listener_names
+        let routes = listener_names
             .iter()
             .map(|l| {
-                (0..services.len())
-                    .filter(|&i| {
-                        let ls = &config.services[i].listeners;
-                        ls.is_empty() || ls.contains(l)
-                    })
-                    .collect()
+                let mut entries: Vec<RouteEntry> = Vec::new();
+                for (i, sc) in config.services.iter().enumerate() {
+                    if !(sc.listeners.is_empty() || sc.listeners.contains(l)) {
+                        continue;
+                    }
+                    for h in &sc.hosts {
+                        entries.push(RouteEntry {
+                            host: h.clone(),
+                            prefix: sc.path_prefix.as_str().into(),
+                            service: i,
+                        });
+                    }
+                }
+                // Stable: equal ranks keep config order.
+                entries.sort_by_key(|e| std::cmp::Reverse(e.rank()));
+                entries
             })
             .collect();
         Ok(RoutingTable {
             generation,
             services,
-            listener_services,
+            routes: Arc::new(routes),
             listener_names,
         })
     }
@@ -289,17 +315,11 @@ impl RoutingTable {
     #[inline]
     pub fn route(&self, listener: usize, host: &str, path: &str) -> Option<&Service> {
         let host = host_without_port(host);
-        let candidates = self.listener_services.get(listener)?;
-        let mut best: Option<(&Service, (u8, usize, usize))> = None;
-        for &i in candidates {
-            let s = &self.services[i];
-            if let Some(score) = s.match_score(host, path) {
-                if best.is_none_or(|(_, b)| score > b) {
-                    best = Some((s, score));
-                }
-            }
-        }
-        best.map(|(s, _)| s)
+        self.routes
+            .get(listener)?
+            .iter()
+            .find(|e| e.matches(host, path))
+            .map(|e| &self.services[e.service])
     }
 
     /// Applies a command to a copy of this table: `Ok(None)` when it would
@@ -442,7 +462,7 @@ impl RoutingTable {
         Ok(Some(RoutingTable {
             generation: self.generation + 1,
             services,
-            listener_services: self.listener_services.clone(),
+            routes: self.routes.clone(),
             listener_names: self.listener_names.clone(),
         }))
     }

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use cyan::app::App;
 use cyan::config::Config;
 use cyan::ctl::{call, Target};
+use rustls_pki_types::CertificateDer;
 use support::*;
 
 fn tmpdir(tag: &str) -> PathBuf {
@@ -731,4 +732,498 @@ async fn binary_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists(), "the socket is removed on exit");
+}
+
+/// A keep-alive HTTP/1.1 sender over TLS to `proxy` with SNI `reload.test`,
+/// and the certificate the server presented.
+async fn tls_keepalive(
+    connector: &tokio_rustls::TlsConnector,
+    proxy: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<BoxBody>,
+    Vec<u8>,
+    tokio::task::JoinHandle<()>,
+) {
+    let s = tls_connect(connector, proxy, "reload.test")
+        .await
+        .expect("TLS handshake");
+    let peer = s
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("a peer certificate")[0]
+        .to_vec();
+    let (tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .expect("h1 over TLS");
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (tx, peer, conn)
+}
+
+async fn tls_get(tx: &mut hyper::client::conn::http1::SendRequest<BoxBody>) -> (u16, String) {
+    tx.ready().await.expect("the connection is still usable");
+    let req = http::Request::get("/")
+        .header("host", "reload.test")
+        .body(empty())
+        .unwrap();
+    let resp = tx
+        .send_request(req)
+        .await
+        .expect("request on the open connection");
+    let status = resp.status().as_u16();
+    (status, body_text(resp).await)
+}
+
+/// The certificate a full handshake is given. The connector is new each
+/// time: with a session cache the client would resume its earlier session,
+/// and a resumed TLS session reports the certificate of the session it
+/// resumes, not the one the server holds now.
+async fn presented_cert(
+    roots: &[&CertificateDer<'static>],
+    proxy: std::net::SocketAddr,
+) -> Vec<u8> {
+    let s = tls_connect(&fresh_connector(roots), proxy, "reload.test")
+        .await
+        .expect("TLS handshake");
+    s.get_ref()
+        .1
+        .peer_certificates()
+        .expect("a peer certificate")[0]
+        .to_vec()
+}
+
+fn fresh_connector(roots: &[&CertificateDer<'static>]) -> tokio_rustls::TlsConnector {
+    tls_connector(
+        roots,
+        &[b"http/1.1"],
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+    )
+}
+
+/// A reload swaps the listener's certificate for new handshakes while an
+/// open TLS connection keeps serving; a bad certificate rejects the reload
+/// whole and the last good one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_without_dropping_connections() {
+    let dir = TempDir::new("cert-reload");
+    let certs = TempDir::new("cert-material");
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let (a, a_not_after) =
+        TestCert::generate_expiring(certs.path(), "a", &["reload.test"], (2041, 1, 1));
+    let (bc, b_not_after) =
+        TestCert::generate_expiring(certs.path(), "b", &["reload.test"], (2045, 6, 15));
+    assert_ne!(a.der, bc.der);
+    assert_ne!(a_not_after, b_not_after);
+    assert_ne!(
+        std::fs::read(&a.key_path).unwrap(),
+        std::fs::read(&bc.key_path).unwrap(),
+        "cert B has its own key"
+    );
+    // The config names fixed paths whose contents the test replaces.
+    let (live_cert, live_key) = (dir.path().join("live.pem"), dir.path().join("live.key"));
+    std::fs::copy(&a.cert_path, &live_cert).unwrap();
+    std::fs::copy(&a.key_path, &live_key).unwrap();
+    let listen = "listen = \"127.0.0.1:0\"\n";
+    let text = cp_config(dir.path(), 0.0, "", &b, &g).replacen(
+        listen,
+        &format!(
+            "{listen}tls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            live_cert.display(),
+            live_key.display()
+        ),
+        1,
+    );
+    assert!(text.contains("tls = {"), "{text}");
+    let path = dir.path().join("cyan.toml");
+    std::fs::write(&path, &text).unwrap();
+    let app = App::start(Config::load(&path).unwrap(), Some(path.clone()), false)
+        .await
+        .expect("app starts");
+    let proxy = app.server.local_addr("public").unwrap();
+    let not_after = || {
+        metric(
+            &app.server,
+            "cyan_tls_cert_not_after_timestamp_seconds",
+            &["listener=\"public\""],
+        )
+    };
+    assert_eq!(
+        not_after(),
+        a_not_after as f64,
+        "the gauge is cert A's notAfter"
+    );
+
+    // The client trusts both certificates, so only the server's choice matters.
+    let roots = [&a.der, &bc.der];
+    let (mut old, old_peer, old_conn) = tls_keepalive(&fresh_connector(&roots), proxy).await;
+    assert_eq!(old_peer, a.der.to_vec(), "cert A before the reload");
+    assert_eq!(tls_get(&mut old).await.0, 200);
+
+    // Swap in cert B (a different key, the same name) and reload.
+    std::fs::copy(&bc.cert_path, &live_cert).unwrap();
+    std::fs::copy(&bc.key_path, &live_key).unwrap();
+    let (s, v) = admin(dir.path(), Method::POST, "/v1/reload", None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["result"], "reloaded");
+
+    // The open connection goes on: several more requests, same connection.
+    for i in 0..3 {
+        let (status, body) = tls_get(&mut old).await;
+        assert_eq!(status, 200, "request {i} after the reload: {body}");
+        assert_eq!(color_of(&body), "blue");
+    }
+    assert!(!old_conn.is_finished(), "the old connection is still open");
+    // A new connection is given cert B.
+    assert_eq!(
+        presented_cert(&roots, proxy).await,
+        bc.der.to_vec(),
+        "new handshakes see cert B"
+    );
+    let (mut fresh, fresh_peer, _fresh_conn) = tls_keepalive(&fresh_connector(&roots), proxy).await;
+    assert_eq!(fresh_peer, bc.der.to_vec());
+    assert_eq!(tls_get(&mut fresh).await.0, 200);
+    assert_eq!(not_after(), b_not_after as f64, "the gauge follows cert B");
+    let generation = app.server.table.load().generation;
+
+    // Bad certificates: garbage, a key that does not fit, a missing file.
+    // Each reload is refused whole; cert B keeps being served.
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        b"-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "garbage certificate",
+            text.replace(
+                &live_cert.display().to_string(),
+                &garbage.display().to_string(),
+            ),
+        ),
+        (
+            "key of another certificate",
+            text.replace(
+                &live_key.display().to_string(),
+                &a.key_path.display().to_string(),
+            ),
+        ),
+        (
+            "missing certificate file",
+            text.replace(
+                &live_cert.display().to_string(),
+                &dir.path().join("nope.pem").display().to_string(),
+            ),
+        ),
+    ];
+    for (what, bad) in &cases {
+        assert_ne!(bad, &text, "{what}: the config really changed");
+        std::fs::write(&path, bad).unwrap();
+        let (s, v) = admin(dir.path(), Method::POST, "/v1/reload", None).await;
+        assert_eq!(s, 400, "{what}: {v}");
+        let err = v["error"].as_str().unwrap_or_default();
+        assert!(err.contains("nothing changed"), "{what}: {err}");
+        assert_eq!(
+            presented_cert(&roots, proxy).await,
+            bc.der.to_vec(),
+            "{what}: new handshakes still see cert B"
+        );
+        assert_eq!(
+            not_after(),
+            b_not_after as f64,
+            "{what}: the gauge is unchanged"
+        );
+        assert_eq!(app.server.table.load().generation, generation, "{what}");
+    }
+    assert_eq!(
+        metric(&app.server, "cyan_config_reloads_total", &["failure"]),
+        cases.len() as f64
+    );
+    // Both connections survived everything.
+    assert_eq!(tls_get(&mut old).await.0, 200);
+    assert_eq!(tls_get(&mut fresh).await.0, 200);
+    assert_eq!(
+        metric(&app.server, "cyan_tls_handshake_errors_total", &[]),
+        0.0
+    );
+    drop((old, fresh));
+    app.shutdown().await;
+}
+
+/// Runs the `cyan` binary with `args`; returns (exit code, stdout, stderr).
+async fn cyan_bin(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
+            .args(args)
+            .env_remove("CYAN_ADMIN_SOCKET")
+            .env("CYAN_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("cyan exits within 20 s")
+    .expect("cyan runs");
+    (
+        out.status.code().expect("exited, not killed"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `cyan ctl` and `cyan check` as an operator runs them: output and exit
+/// codes (0 ok, 1 error, 2 usage, 3 conflict).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_binary_end_to_end() {
+    let dir = TempDir::new("ctl-bin");
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let (app, _) = start(&cp_config(dir.path(), 10.0, "", &b, &g)).await;
+    let sock = dir.path().join("admin.sock");
+    let sock = sock.to_str().unwrap();
+    let split_bp = || {
+        let t = app.server.table.load();
+        (
+            t.generation,
+            t.service("gateway").unwrap().split.candidate_bp,
+        )
+    };
+
+    let (code, out, err) = cyan_bin(&["ctl", "--socket", sock, "status"]).await;
+    assert_eq!(code, 0, "status: {out}{err}");
+    assert!(out.contains("generation 1"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("gateway"))
+        .unwrap_or_else(|| panic!("a row for the service: {out}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[..4], ["gateway", "blue", "green", "10.00%"], "{row}");
+    for (color, ep) in [("blue", b.addr), ("green", g.addr)] {
+        assert!(
+            out.lines().any(|l| {
+                let c: Vec<&str> = l.split_whitespace().collect();
+                c.len() >= 3 && c[0] == color && c[1] == ep.to_string() && c[2] == "up"
+            }),
+            "an endpoint line for {color} {ep}: {out}"
+        );
+    }
+
+    let (code, out, err) = cyan_bin(&[
+        "ctl",
+        "--socket",
+        sock,
+        "split",
+        "gateway",
+        "25",
+        "--reason",
+        "ctl-e2e-ramp",
+    ])
+    .await;
+    assert_eq!(code, 0, "split: {out}{err}");
+    assert!(out.contains("applied: generation 2"), "{out}");
+    assert!(
+        out.contains("25.00%"),
+        "the service after the change: {out}"
+    );
+    assert_eq!(split_bp(), (2, 2500));
+
+    // A stale --if-generation: exit 3, nothing changed.
+    let (code, out, err) = cyan_bin(&[
+        "ctl",
+        "--socket",
+        sock,
+        "split",
+        "gateway",
+        "30",
+        "--if-generation",
+        "1",
+    ])
+    .await;
+    assert_eq!(code, 3, "stale generation: {out}{err}");
+    assert!(err.contains("409"), "{err}");
+    assert_eq!(split_bp(), (2, 2500), "a conflict changes nothing");
+
+    // Out of range: refused by the API, exit 1.
+    let (code, out, err) = cyan_bin(&["ctl", "--socket", sock, "split", "gateway", "101"]).await;
+    assert_eq!(code, 1, "101%: {out}{err}");
+    assert!(err.contains("400"), "{err}");
+    assert_eq!(split_bp(), (2, 2500));
+    // An unknown service: exit 1.
+    let (code, _, err) = cyan_bin(&["ctl", "--socket", sock, "split", "nope", "5"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("404"), "{err}");
+
+    let (code, out, err) = cyan_bin(&["ctl", "--socket", sock, "-o", "json", "status"]).await;
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["generation"], 2, "{v}");
+    assert_eq!(v["services"][0]["candidate_percent"], 25.0, "{v}");
+
+    let (code, out, err) = cyan_bin(&["ctl", "--socket", sock, "events"]).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "one change audited: {out}");
+    assert!(
+        lines[0].contains("set_split") && lines[0].contains("(ctl-e2e-ramp)"),
+        "{out}"
+    );
+    assert!(lines[0].contains("10.00% -> blue 25.00%"), "{out}");
+
+    let (code, out, err) =
+        cyan_bin(&["ctl", "--socket", sock, "rollout", "status", "gateway"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("gateway: candidate at 25.00%"), "{out}");
+    assert!(out.contains("no rollout running"), "{out}");
+
+    // No cyan behind the socket: exit 1, naming the socket.
+    let (code, _, err) = cyan_bin(&["ctl", "--socket", "/nonexistent/x.sock", "status"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/nonexistent/x.sock"), "{err}");
+    // Usage errors are clap's: exit 2.
+    let (code, _, err) = cyan_bin(&["ctl", "--socket", sock, "split", "gateway"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("Usage"), "{err}");
+    let (code, _, err) = cyan_bin(&["ctl", "--socket", sock, "split", "gateway", "abc"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(split_bp(), (2, 2500), "nothing changed along the way");
+
+    // `cyan check`.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/cyan.example.toml");
+    let (code, out, err) = cyan_bin(&["check", "--config", example]).await;
+    assert_eq!(code, 0, "the example config is valid: {out}{err}");
+    assert!(out.contains(": ok"), "{out}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            r#"
+[runtime]
+drain_timeout = "forever"
+
+[[listener]]
+name = "public"
+listen = "127.0.0.1:0"
+
+[[service]]
+name = "gateway"
+candidate_percent = 300
+blue  = {{ endpoints = ["{}"] }}
+green = {{ endpoints = ["{}"] }}
+"#,
+            b.addr, g.addr
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = cyan_bin(&["check", "--config", bad.to_str().unwrap()]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    for key in [
+        "runtime.drain_timeout",
+        "service[gateway].candidate_percent",
+    ] {
+        assert!(err.contains(key), "names {key}: {err}");
+    }
+    app.shutdown().await;
+}
+
+/// The admin socket's own connection cap: connections over it are closed
+/// unanswered, the held ones keep working, a released slot is usable again,
+/// and the data path never notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connection_cap_sheds_extra_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TempDir::new("admin-cap");
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    // A long request timeout, so the held idle connections are not timed out
+    // by the server during the test.
+    let extra = "max_connections = 2\nrequest_timeout = \"60s\"";
+    let (app, proxy) = start(&cp_config(dir.path(), 0.0, extra, &b, &g)).await;
+    let sock = dir.path().join("admin.sock");
+    let status_req = b"GET /v1/status HTTP/1.1\r\nHost: cyan\r\n\r\n";
+
+    // Two connections take both slots: connected, nothing sent.
+    let held1 = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let mut held2 = tokio::net::UnixStream::connect(&sock).await.unwrap();
+
+    // A third is closed without an answer (the accept loop takes them in
+    // order, so the first two hold the slots by the time it is accepted).
+    let mut third = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let _ = third.write_all(status_req).await; // may fail: already closed
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), third.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(!text.contains("HTTP/"), "no answer over the cap: {text}");
+    assert!(
+        read.is_ok(),
+        "the server closes the extra connection rather than leaving it hanging"
+    );
+    // The client library sees the same.
+    let r = tokio::time::timeout(
+        Duration::from_secs(3),
+        call(
+            &Target::Socket(sock.clone()),
+            Method::GET,
+            "/v1/status",
+            None,
+        ),
+    )
+    .await
+    .expect("refused promptly");
+    assert!(r.is_err(), "over the cap: {r:?}");
+
+    // The data path is unaffected meanwhile.
+    let (s, _, body) = get(&h1_client(), proxy, "/", &[]).await;
+    assert_eq!((s.as_u16(), color_of(&body)), (200, "blue"));
+
+    // A held connection is a real, served connection.
+    held2.write_all(status_req).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), held2.read(&mut buf))
+        .await
+        .expect("the held connection is answered")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Releasing one slot lets requests in again.
+    drop(held1);
+    let mut ok = false;
+    for _ in 0..100 {
+        if let Ok((s, v)) = call(
+            &Target::Socket(sock.clone()),
+            Method::GET,
+            "/v1/status",
+            None,
+        )
+        .await
+        {
+            assert_eq!(s, 200, "{v}");
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "a released slot is taken by a new connection");
+    // And repeatedly so (each call's connection frees its slot on close).
+    for i in 0..5 {
+        let mut answered = false;
+        for _ in 0..100 {
+            if let Ok((s, _)) = call(
+                &Target::Socket(sock.clone()),
+                Method::GET,
+                "/v1/status",
+                None,
+            )
+            .await
+            {
+                assert_eq!(s, 200);
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(answered, "call {i} after the release");
+    }
+    drop(held2);
+    app.shutdown().await;
 }

@@ -910,3 +910,137 @@ pub fn runtime_busy() -> Duration {
         .map(|w| m.worker_total_busy_duration(w))
         .sum()
 }
+
+// ---------------------------------------------------------------------------
+// Certificates with a chosen expiry, Prometheus text, one-shot HTTP.
+// ---------------------------------------------------------------------------
+
+impl TestCert {
+    /// Like [`TestCert::generate`] (fresh key), with `notAfter` set to
+    /// midnight UTC of `year-month-day`; also returns that as Unix seconds.
+    pub fn generate_expiring(
+        dir: &Path,
+        stem: &str,
+        names: &[&str],
+        (year, month, day): (i32, u8, u8),
+    ) -> (TestCert, i64) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let key = rcgen::KeyPair::generate().expect("key pair");
+        let mut params = rcgen::CertificateParams::new(names).expect("params");
+        params.not_after = rcgen::date_time_ymd(year, month, day);
+        let not_after = params.not_after.unix_timestamp();
+        let cert = params.self_signed(&key).expect("self-signed");
+        let cert_path = dir.join(format!("{stem}.pem"));
+        let key_path = dir.join(format!("{stem}.key"));
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        let tc = TestCert {
+            cert_path,
+            key_path,
+            der: cert.der().clone(),
+        };
+        (tc, not_after)
+    }
+}
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the sample lines of a Prometheus text exposition (comments are
+/// skipped; label values must not contain `,` or `}` — none of cyan's do).
+/// Panics on a line it cannot read, so a malformed exposition fails a test.
+pub fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line: {line}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in: {line}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), Default::default()),
+            Some((name, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("bad labels in: {line}"));
+                let mut labels = std::collections::BTreeMap::new();
+                for pair in body.split(',').filter(|p| !p.is_empty()) {
+                    let (k, v) = pair
+                        .split_once('=')
+                        .unwrap_or_else(|| panic!("bad label in: {line}"));
+                    let v = v
+                        .strip_prefix('"')
+                        .and_then(|v| v.strip_suffix('"'))
+                        .unwrap_or_else(|| panic!("unquoted label in: {line}"));
+                    labels.insert(k.to_string(), v.to_string());
+                }
+                (name.to_string(), labels)
+            }
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// The samples named `name` whose labels include every `(key, value)`.
+pub fn samples<'a>(all: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> Vec<&'a Sample> {
+    all.iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .collect()
+}
+
+/// The value of the one sample named `name` with `labels`; panics when there
+/// is none or more than one.
+pub fn sample_value(all: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found = samples(all, name, labels);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {name}{labels:?}, found {found:?}"
+    );
+    found[0].value
+}
+
+/// `GET path` on a fresh connection with `Connection: close`; returns the
+/// status and body, or the connection error (e.g. refused).
+pub async fn http_get_once(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 5 s"))??;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}

@@ -1,0 +1,155 @@
+//! Criterion benchmarks of the pure per-request path: one table snapshot,
+//! the service match, the color decision and the endpoint pick — everything
+//! the proxy decides before any I/O — and what continuous table swaps cost
+//! the readers.
+//!
+//! Run: `cargo bench --bench hot_path`. Targets (issue 6): a route decision
+//! under 50 ns; a swap every millisecond costs readers under 5 %.
+
+use std::hint::black_box;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue};
+
+use cyan::config::Config;
+use cyan::metrics::Metrics;
+use cyan::table::{Command, Table};
+
+fn table(sticky: bool) -> Table {
+    let sticky = if sticky {
+        "sticky = { header = \"x-user-id\" }"
+    } else {
+        ""
+    };
+    let text = format!(
+        r#"
+[[listener]]
+name = "public"
+listen = "127.0.0.1:0"
+
+[[service]]
+name = "api"
+hosts = ["api.example.com"]
+path_prefix = "/v2"
+candidate_percent = 10
+blue  = {{ endpoints = ["127.0.0.1:8101", "127.0.0.1:8102"] }}
+green = {{ endpoints = ["127.0.0.1:9101"] }}
+
+[[service]]
+name = "gateway"
+hosts = ["*"]
+candidate_percent = 10
+{sticky}
+blue  = {{ endpoints = ["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"] }}
+green = {{ endpoints = ["127.0.0.1:9001", "127.0.0.1:9002"] }}
+"#
+    );
+    let cfg = Config::parse(&text).expect("bench config");
+    Table::new(&cfg, Metrics::new()).expect("table")
+}
+
+/// The decision the proxy makes per request, minus I/O.
+#[inline]
+fn decide(t: &Table, headers: &HeaderMap, ip: IpAddr) -> usize {
+    let snapshot = t.load();
+    let svc = snapshot
+        .route(0, "shop.example.com:8080", "/checkout/cart")
+        .expect("route");
+    let (color, _) = svc.split.choose(headers, ip);
+    svc.pool(color).pick(None).expect("endpoint")
+}
+
+fn route_decision(c: &mut Criterion) {
+    let ip: IpAddr = "203.0.113.9".parse().unwrap();
+    let mut g = c.benchmark_group("route_decision");
+    let t = table(false);
+    let empty = HeaderMap::new();
+    g.bench_function("draw", |b| {
+        b.iter(|| black_box(decide(&t, black_box(&empty), ip)))
+    });
+    let t = table(true);
+    let mut h = HeaderMap::new();
+    h.insert("x-user-id", HeaderValue::from_static("user-4711"));
+    h.insert("accept", HeaderValue::from_static("*/*"));
+    h.insert("user-agent", HeaderValue::from_static("bench"));
+    g.bench_function("sticky_header", |b| {
+        b.iter(|| black_box(decide(&t, black_box(&h), ip)))
+    });
+    g.finish();
+
+    // The parts, to see where the time goes.
+    let mut g = c.benchmark_group("parts");
+    g.bench_function("snapshot_load_full", |b| {
+        b.iter(|| black_box(t.load().generation))
+    });
+    let snap = t.load();
+    g.bench_function("route", |b| {
+        b.iter(|| {
+            black_box(
+                snap.route(
+                    0,
+                    black_box("shop.example.com:8080"),
+                    black_box("/checkout/cart"),
+                )
+                .is_some(),
+            )
+        })
+    });
+    let svc = snap.route(0, "shop.example.com", "/").unwrap();
+    g.bench_function("choose_sticky", |b| {
+        b.iter(|| black_box(svc.split.choose(black_box(&h), ip)))
+    });
+    g.bench_function("header_get", |b| {
+        b.iter(|| black_box(black_box(&h).get("x-user-id").is_some()))
+    });
+    g.bench_function("xxh3_bucket", |b| {
+        b.iter(|| black_box(cyan::split::bucket(black_box(42), black_box(b"user-4711"))))
+    });
+    let pool = svc.pool(cyan::config::Color::Blue);
+    g.bench_function("pick_p2c", |b| b.iter(|| black_box(pool.pick(None))));
+    g.finish();
+}
+
+fn swaps_under_readers(c: &mut Criterion) {
+    let ip: IpAddr = "203.0.113.9".parse().unwrap();
+    let mut h = HeaderMap::new();
+    h.insert("x-user-id", HeaderValue::from_static("user-4711"));
+    let mut g = c.benchmark_group("reader_while_writer_swaps");
+    let t = Arc::new(table(true));
+    g.bench_function("no_writer", |b| b.iter(|| black_box(decide(&t, &h, ip))));
+    // A writer applies a split change every millisecond on another thread.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (t, stop) = (t.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let bp = (n % 2000) as u16;
+                let _ = t.apply(
+                    Command::SetSplit {
+                        service: "gateway".into(),
+                        candidate_bp: bp,
+                    }
+                    .into(),
+                );
+                n += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            n
+        })
+    };
+    g.bench_function("swap_every_1ms", |b| {
+        b.iter(|| black_box(decide(&t, &h, ip)))
+    });
+    stop.store(true, Ordering::Relaxed);
+    let swaps = writer.join().unwrap_or(0);
+    eprintln!("writer applied {swaps} swaps during the measurement");
+    g.finish();
+}
+
+criterion_group!(benches, route_decision, swaps_under_readers);
+criterion_main!(benches);
