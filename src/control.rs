@@ -8,6 +8,10 @@
 //! reload whole: the live table and certificates stay, the reasons are
 //! returned, logged, counted (`cyan_config_reloads_total{result="failure"}`)
 //! and audited.
+//!
+//! A certificate swap takes effect for every new full handshake at once; a
+//! client resuming a TLS session made before the swap keeps that session's
+//! identity until its ticket expires (standard TLS resumption).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -1227,3 +1227,32 @@ async fn admin_connection_cap_sheds_extra_connections() {
     drop(held2);
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_admin_clients_time_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tmpdir("slow-admin");
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let (app, _) = start(&cp_config(&dir, 0.0, "request_timeout = \"300ms\"", &b, &g)).await;
+    // A head that never finishes: the connection is closed.
+    let mut s = tokio::net::UnixStream::connect(dir.join("admin.sock"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /v1/status HTTP/1.1\r\nHo").await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    assert!(r.is_ok(), "closed, not left hanging");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // A body that stalls: 408, and nothing changed.
+    let mut s = tokio::net::UnixStream::connect(dir.join("admin.sock"))
+        .await
+        .unwrap();
+    s.write_all(b"PUT /v1/services/gateway/split HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"candidate").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert_eq!(app.server.table.load().generation, 1);
+    app.shutdown().await;
+}
