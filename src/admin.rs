@@ -121,96 +121,147 @@ pub async fn start(
         tcp_addr: None,
     };
     if let Some(path) = &cfg.socket {
-        let listener = bind_unix(path)?;
+        let listener = UnixAdmin {
+            listener: bind_unix(path)?,
+            allowed: allowed_uids(&cfg),
+        };
         out.socket = Some(path.clone());
-        let allowed = allowed_uids(&cfg);
-        let (cfg, ctl, stop) = (cfg.clone(), ctl.clone(), stop.clone());
         let path = path.clone();
-        tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(cfg.max_connections));
-            loop {
-                let (stream, _) = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok(p) => p,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "admin accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                    _ = stop.cancelled() => break,
-                };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    tracing::warn!("admin connection cap reached; connection closed");
-                    continue;
-                };
-                let caller = match stream.peer_cred() {
-                    Ok(c) if allowed.contains(&c.uid()) => Caller::Peer {
-                        uid: c.uid(),
-                        pid: c.pid(),
-                    },
-                    Ok(c) => {
-                        tracing::warn!(uid = c.uid(), pid = ?c.pid(), "admin socket peer refused: uid not allowed");
-                        Caller::Refused(
-                            StatusCode::FORBIDDEN,
-                            "your uid may not use this admin socket",
-                        )
-                    }
-                    Err(_) => {
-                        Caller::Refused(StatusCode::FORBIDDEN, "peer credentials unavailable")
-                    }
-                };
-                let (cfg, ctl, stop) = (cfg.clone(), ctl.clone(), stop.clone());
-                tokio::spawn(async move {
-                    // Open admin connections end with the listener: no change
-                    // can land once the drain has begun.
-                    tokio::select! {
-                        _ = serve_conn(stream, move |_req| caller.clone(), cfg, ctl) => {}
-                        _ = stop.cancelled() => {}
-                    }
-                    drop(permit);
-                });
-            }
-            let _ = std::fs::remove_file(&path);
-        });
+        spawn_accept_loop(
+            listener,
+            cfg.clone(),
+            ctl.clone(),
+            stop.clone(),
+            move || {
+                let _ = std::fs::remove_file(&path);
+            },
+        );
     }
     if let Some(addr) = cfg.listen {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| AdminError::Tcp { addr, source })?;
         out.tcp_addr = listener.local_addr().ok();
-        let (cfg, ctl, stop) = (cfg.clone(), ctl.clone(), stop.clone());
-        tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(cfg.max_connections));
-            loop {
-                let (stream, _) = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok(p) => p,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "admin accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                    _ = stop.cancelled() => break,
-                };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    continue;
-                };
-                let (cfg2, ctl) = (cfg.clone(), ctl.clone());
-                let tokens = cfg.clone();
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = serve_conn(stream, move |req| token_caller(&tokens, req), cfg2, ctl) => {}
-                        _ = stop.cancelled() => {}
-                    }
-                    drop(permit);
-                });
-            }
-        });
+        spawn_accept_loop(
+            TcpAdmin(listener),
+            cfg.clone(),
+            ctl.clone(),
+            stop.clone(),
+            || {},
+        );
     }
     Ok(out)
+}
+
+/// How an admin listener accepts connections and decides who is calling.
+trait AdminAccept: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+    /// The authentication of one connection's requests.
+    fn caller(
+        &self,
+        stream: &Self::Stream,
+        cfg: &Arc<AdminConfig>,
+    ) -> Arc<dyn Fn(&Request<Incoming>) -> Caller + Send + Sync>;
+}
+
+/// The Unix socket: the peer's uid (SO_PEERCRED) decides, per connection.
+struct UnixAdmin {
+    listener: UnixListener,
+    allowed: Vec<u32>,
+}
+
+impl AdminAccept for UnixAdmin {
+    type Stream = tokio::net::UnixStream;
+
+    async fn accept(&self) -> std::io::Result<Self::Stream> {
+        self.listener.accept().await.map(|(s, _)| s)
+    }
+
+    fn caller(
+        &self,
+        stream: &Self::Stream,
+        _: &Arc<AdminConfig>,
+    ) -> Arc<dyn Fn(&Request<Incoming>) -> Caller + Send + Sync> {
+        let caller = match stream.peer_cred() {
+            Ok(c) if self.allowed.contains(&c.uid()) => Caller::Peer {
+                uid: c.uid(),
+                pid: c.pid(),
+            },
+            Ok(c) => {
+                tracing::warn!(uid = c.uid(), pid = ?c.pid(), "admin socket peer refused: uid not allowed");
+                Caller::Refused(
+                    StatusCode::FORBIDDEN,
+                    "your uid may not use this admin socket",
+                )
+            }
+            Err(_) => Caller::Refused(StatusCode::FORBIDDEN, "peer credentials unavailable"),
+        };
+        Arc::new(move |_| caller.clone())
+    }
+}
+
+/// The TCP listener: a bearer token decides, per request.
+struct TcpAdmin(TcpListener);
+
+impl AdminAccept for TcpAdmin {
+    type Stream = tokio::net::TcpStream;
+
+    async fn accept(&self) -> std::io::Result<Self::Stream> {
+        self.0.accept().await.map(|(s, _)| s)
+    }
+
+    fn caller(
+        &self,
+        _: &Self::Stream,
+        cfg: &Arc<AdminConfig>,
+    ) -> Arc<dyn Fn(&Request<Incoming>) -> Caller + Send + Sync> {
+        let cfg = cfg.clone();
+        Arc::new(move |req| token_caller(&cfg, req))
+    }
+}
+
+/// Accepts until `stop`, under the listener's own connection cap (over it,
+/// connections are closed at once); `on_exit` runs when the loop ends.
+fn spawn_accept_loop<L: AdminAccept>(
+    listener: L,
+    cfg: Arc<AdminConfig>,
+    ctl: Arc<Controller>,
+    stop: CancellationToken,
+    on_exit: impl FnOnce() + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(cfg.max_connections));
+        loop {
+            let stream = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => break,
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tracing::warn!("admin connection cap reached; connection closed");
+                continue;
+            };
+            let auth = listener.caller(&stream, &cfg);
+            let (cfg, ctl, stop) = (cfg.clone(), ctl.clone(), stop.clone());
+            tokio::spawn(async move {
+                // Open admin connections end with the listener: no change can
+                // land once the drain has begun.
+                tokio::select! {
+                    _ = serve_conn(stream, move |req| auth(req), cfg, ctl) => {}
+                    _ = stop.cancelled() => {}
+                }
+                drop(permit);
+            });
+        }
+        on_exit();
+    });
 }
 
 fn allowed_uids(cfg: &AdminConfig) -> Vec<u32> {

@@ -118,12 +118,11 @@ impl Controller {
                 let endpoints: Vec<_> = candidate.endpoints.iter().map(|e| e.addr).collect();
                 drop(t);
                 if let Err(failures) = crate::preflight::run(&plan.preflight, &endpoints).await {
-                    self.store.note(
+                    self.table.note(
                         Origin::Rollout,
                         actor,
                         "rollout_preflight_failed",
                         Some(service),
-                        self.table.load().generation,
                         Some(failures.clone()),
                     );
                     return Err(RolloutError::Preflight(failures));
@@ -167,12 +166,11 @@ impl Controller {
             Err(e) => {
                 metrics.config_reloads.with_label_values(&["failure"]).inc();
                 tracing::error!(actor, error = %e, "reload rejected; the live table is unchanged");
-                self.store.note(
+                self.table.note(
                     Origin::Config,
                     actor,
                     "reload_rejected",
                     None,
-                    self.table.load().generation,
                     Some(e.to_string()),
                 );
             }

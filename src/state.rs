@@ -271,34 +271,6 @@ impl StateStore {
             None => Ok(()),
         }
     }
-
-    /// Records an event that is not a table change (a rejected reload, a
-    /// rollout note) in the audit log.
-    pub fn note(
-        &self,
-        origin: Origin,
-        actor: &str,
-        action: &str,
-        service: Option<&str>,
-        generation: u64,
-        reason: Option<String>,
-    ) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let ev = AuditEvent {
-            seq: inner.next_seq,
-            time: now_rfc3339(),
-            actor: actor.to_string(),
-            origin,
-            action: action.to_string(),
-            service: service.map(str::to_string),
-            before: None,
-            after: None,
-            generation,
-            reason,
-            command: None,
-        };
-        append(&mut inner, ev);
-    }
 }
 
 fn append(inner: &mut Inner, ev: AuditEvent) {
@@ -327,7 +299,21 @@ impl ChangeSink for StateStore {
         generation: u64,
         reason: Option<String>,
     ) {
-        StateStore::note(self, origin, actor, action, service, generation, reason);
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let ev = AuditEvent {
+            seq: inner.next_seq,
+            time: now_rfc3339(),
+            actor: actor.to_string(),
+            origin,
+            action: action.to_string(),
+            service: service.map(str::to_string),
+            before: None,
+            after: None,
+            generation,
+            reason,
+            command: None,
+        };
+        append(&mut inner, ev);
     }
 
     fn committed(&self, event: &ChangeEvent<'_>) {
@@ -483,7 +469,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::metrics::Metrics;
-    use crate::table::{Change, Command, Table};
+    use crate::table::{Change, ChangeSink, Command, Table};
     use std::sync::Arc;
 
     fn config() -> Config {

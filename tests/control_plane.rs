@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,17 +17,6 @@ use cyan::config::Config;
 use cyan::ctl::{call, Target};
 use rustls_pki_types::CertificateDer;
 use support::*;
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "cyan-cp-{tag}-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// A service config with an admin socket and a state dir in `dir`.
 fn cp_config(dir: &Path, percent: f64, admin_extra: &str, b: &Backend, g: &Backend) -> String {
@@ -60,13 +49,6 @@ green = {{ endpoints = ["{g}"] }}
     )
 }
 
-async fn start(text: &str) -> (App, std::net::SocketAddr) {
-    let cfg = Config::parse(text).unwrap_or_else(|e| panic!("{e}"));
-    let app = App::start(cfg, None, false).await.expect("app starts");
-    let addr = app.server.local_addr("public").unwrap();
-    (app, addr)
-}
-
 async fn admin(dir: &Path, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
     call(&Target::Socket(dir.join("admin.sock")), method, path, body)
         .await
@@ -88,7 +70,7 @@ async fn raw_admin(dir: &Path, request: &[u8]) -> String {
 async fn admin_api_changes_the_split_with_generation_guards() {
     let dir = tmpdir("api");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let (app, proxy) = start(&cp_config(&dir, 0.0, "", &b, &g)).await;
+    let (app, proxy) = start_app(&cp_config(&dir, 0.0, "", &b, &g)).await;
 
     let (s, v) = admin(&dir, Method::GET, "/v1/status", None).await;
     assert_eq!(s, 200);
@@ -192,7 +174,7 @@ async fn admin_api_changes_the_split_with_generation_guards() {
 async fn bad_admin_requests_change_nothing() {
     let dir = tmpdir("bad");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let (app, _) = start(&cp_config(&dir, 10.0, "max_body_bytes = 1024", &b, &g)).await;
+    let (app, _) = start_app(&cp_config(&dir, 10.0, "max_body_bytes = 1024", &b, &g)).await;
     let split = "/v1/services/gateway/split";
     // (method, path, body, expected status, expected `field`)
     type Case<'a> = (Method, &'a str, Option<Value>, u16, Option<&'a str>);
@@ -307,7 +289,7 @@ async fn the_socket_is_private_and_never_stolen() {
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
     let text = cp_config(&dir, 0.0, "", &b, &g);
-    let (app, _) = start(&text).await;
+    let (app, _) = start_app(&text).await;
     let meta = std::fs::metadata(&sock).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
@@ -335,7 +317,7 @@ async fn the_socket_is_private_and_never_stolen() {
 async fn peers_outside_the_uid_allowlist_are_refused() {
     let dir = tmpdir("uid");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let (app, _) = start(&cp_config(&dir, 0.0, "allowed_uids = [54321]", &b, &g)).await;
+    let (app, _) = start_app(&cp_config(&dir, 0.0, "allowed_uids = [54321]", &b, &g)).await;
     let (s, v) = admin(
         &dir,
         Method::PUT,
@@ -372,7 +354,7 @@ async fn tcp_tokens_have_roles() {
         "listen = \"127.0.0.1:0\"\ntokens = [{{ name = \"viewer\", role = \"read\", sha256 = \"{read_hash}\" }}, {{ name = \"ops\", role = \"operate\", file = \"{}\" }}]",
         dir.join("ops.token").display()
     );
-    let (app, _) = start(&cp_config(&dir, 0.0, &extra, &b, &g)).await;
+    let (app, _) = start_app(&cp_config(&dir, 0.0, &extra, &b, &g)).await;
     let base = format!("http://{}", app.admin.as_ref().unwrap().tcp_addr.unwrap());
     let target = |token: &str| Target::Url {
         base: base.clone(),
@@ -428,7 +410,7 @@ async fn tcp_tokens_have_roles() {
 async fn split_storm_under_load_fails_no_request() {
     let dir = tmpdir("storm");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let (app, proxy) = start(&cp_config(&dir, 50.0, "", &b, &g)).await;
+    let (app, proxy) = start_app(&cp_config(&dir, 50.0, "", &b, &g)).await;
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicUsize::new(0));
     let served = Arc::new(AtomicUsize::new(0));
@@ -501,7 +483,7 @@ async fn a_restart_resumes_the_persisted_state() {
     let dir = tmpdir("restart");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let text = cp_config(&dir, 5.0, "", &b, &g);
-    let (app, _) = start(&text).await;
+    let (app, _) = start_app(&text).await;
     admin(
         &dir,
         Method::PUT,
@@ -519,7 +501,7 @@ async fn a_restart_resumes_the_persisted_state() {
     let gen_before = app.server.table.load().generation;
     app.shutdown().await;
 
-    let (app, proxy) = start(&text).await;
+    let (app, proxy) = start_app(&text).await;
     let (_, v) = admin(&dir, Method::GET, "/v1/services/gateway", None).await;
     assert_eq!(
         v["candidate_percent"], 37.5,
@@ -979,7 +961,7 @@ async fn cyan_bin(args: &[&str]) -> (i32, String, String) {
 async fn ctl_binary_end_to_end() {
     let dir = TempDir::new("ctl-bin");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let (app, _) = start(&cp_config(dir.path(), 10.0, "", &b, &g)).await;
+    let (app, _) = start_app(&cp_config(dir.path(), 10.0, "", &b, &g)).await;
     let sock = dir.path().join("admin.sock");
     let sock = sock.to_str().unwrap();
     let split_bp = || {
@@ -1137,7 +1119,7 @@ async fn admin_connection_cap_sheds_extra_connections() {
     // A long request timeout, so the held idle connections are not timed out
     // by the server during the test.
     let extra = "max_connections = 2\nrequest_timeout = \"60s\"";
-    let (app, proxy) = start(&cp_config(dir.path(), 0.0, extra, &b, &g)).await;
+    let (app, proxy) = start_app(&cp_config(dir.path(), 0.0, extra, &b, &g)).await;
     let sock = dir.path().join("admin.sock");
     let status_req = b"GET /v1/status HTTP/1.1\r\nHost: cyan\r\n\r\n";
 
@@ -1233,7 +1215,7 @@ async fn slow_admin_clients_time_out() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tmpdir("slow-admin");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let (app, _) = start(&cp_config(&dir, 0.0, "request_timeout = \"300ms\"", &b, &g)).await;
+    let (app, _) = start_app(&cp_config(&dir, 0.0, "request_timeout = \"300ms\"", &b, &g)).await;
     // A head that never finishes: the connection is closed.
     let mut s = tokio::net::UnixStream::connect(dir.join("admin.sock"))
         .await

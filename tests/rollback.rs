@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,20 +13,9 @@ use http::Method;
 use serde_json::json;
 
 use cyan::app::App;
-use cyan::config::{Color, Config};
+use cyan::config::Color;
 use cyan::ctl::{call, Target};
 use support::*;
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "cyan-rb-{tag}-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn list(b: &[&Backend]) -> String {
     b.iter()
@@ -70,13 +59,6 @@ green = {{ endpoints = [{green}] }}
         blue = list(blue),
         green = list(green),
     )
-}
-
-async fn start(text: &str) -> (App, std::net::SocketAddr) {
-    let c = Config::parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let app = App::start(c, None, false).await.expect("starts");
-    let addr = app.server.local_addr("public").unwrap();
-    (app, addr)
 }
 
 /// Background load: `workers` loops of GET / until stopped. Returns
@@ -164,7 +146,7 @@ fn candidate_bp(app: &App) -> u16 {
 async fn failing_green_is_rolled_back_within_three_seconds() {
     let dir = tmpdir("fail");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let (app, proxy) = start(&cfg(&dir, 20.0, &[&b], &[&g], "", "")).await;
+    let (app, proxy) = start_app(&cfg(&dir, 20.0, &[&b], &[&g], "", "")).await;
     let load = Load::start(proxy, 4, "/");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(candidate_bp(&app), 2000, "a healthy green is left alone");
@@ -263,7 +245,7 @@ async fn a_green_that_fails_some_requests_is_rolled_back() {
         Backend::start("green").await,
     );
     // Passive ejection off so that the ratio trigger is what acts.
-    let (app, proxy) = start(&cfg(
+    let (app, proxy) = start_app(&cfg(
         &dir,
         30.0,
         &[&b],
@@ -327,7 +309,7 @@ async fn a_slow_green_is_rolled_back() {
     let slow = slow_backend(Duration::from_millis(600)).await;
     let text = cfg(&dir, 30.0, &[&b], &[&placeholder], "", "")
         .replace(&placeholder.addr.to_string(), &slow.to_string());
-    let (app, proxy) = start(&text).await;
+    let (app, proxy) = start_app(&text).await;
     let load = Load::start(proxy, 8, "/");
     assert!(
         eventually(Duration::from_secs(8), || candidate_bp(&app) == 0).await,
@@ -351,7 +333,7 @@ async fn a_slow_green_is_rolled_back() {
 async fn a_storm_of_4xx_is_not_a_failure() {
     let dir = tmpdir("4xx");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let (app, proxy) = start(&cfg(&dir, 30.0, &[&b], &[&g], "", "")).await;
+    let (app, proxy) = start_app(&cfg(&dir, 30.0, &[&b], &[&g], "", "")).await;
     g.force_status.store(404, Ordering::SeqCst);
     let load = Load::start(proxy, 4, "/");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -375,7 +357,7 @@ async fn a_storm_of_4xx_is_not_a_failure() {
 async fn both_colors_failing_holds_traffic_where_it_is() {
     let dir = tmpdir("both");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let (app, proxy) = start(&cfg(
+    let (app, proxy) = start_app(&cfg(
         &dir,
         50.0,
         &[&b],
@@ -414,7 +396,7 @@ async fn active_checks_take_endpoints_out_and_back() {
         Backend::start("green").await,
     );
     let health = "[service.health]\npath = \"/status/200\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 2\nfall = 2\n[service.rollback]\nenabled = false";
-    let (app, proxy) = start(&cfg(&dir, 100.0, &[&b], &[&g1, &g2], "", health)).await;
+    let (app, proxy) = start_app(&cfg(&dir, 100.0, &[&b], &[&g1, &g2], "", health)).await;
     let green_eligible = |app: &App| {
         app.server
             .table
@@ -480,7 +462,7 @@ async fn passive_ejection_then_fallback_and_fast_503() {
     let dir = tmpdir("passive");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let tables = "[service.health]\neject_after = 3\neject_for = \"30s\"\n[service.rollback]\nenabled = false";
-    let (app, proxy) = start(&cfg(&dir, 100.0, &[&b], &[&g], "", tables)).await;
+    let (app, proxy) = start_app(&cfg(&dir, 100.0, &[&b], &[&g], "", tables)).await;
     let client = h1_client();
     g.stop(); // green dies
               // Connect failures retry on blue, then green is ejected and the pool
@@ -542,7 +524,7 @@ async fn a_rollout_runs_to_promotion() {
     let dir = tmpdir("rollout");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let tables = "[service.rollout]\nsteps = [10, 50, 100]\nhold = \"400ms\"\nmin_requests = 5";
-    let (app, proxy) = start(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
+    let (app, proxy) = start_app(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
     let load = Load::start(proxy, 4, "/");
     let sock = Target::Socket(dir.join("admin.sock"));
     let (s, v) = call(
@@ -590,7 +572,7 @@ async fn a_failing_rollout_step_is_rolled_back_and_ended() {
     let dir = tmpdir("rollout-fail");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let tables = "[service.rollout]\nsteps = [25, 100]\nhold = \"10s\"\nmin_requests = 5";
-    let (app, proxy) = start(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
+    let (app, proxy) = start_app(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
     let sock = Target::Socket(dir.join("admin.sock"));
     call(
         &sock,
@@ -618,7 +600,7 @@ async fn a_restart_mid_rollout_continues_its_step() {
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let tables = "[service.rollout]\nsteps = [10, 40, 100]\nhold = \"1500ms\"\nmin_requests = 5";
     let text = cfg(&dir, 0.0, &[&b], &[&g], "", tables);
-    let (app, proxy) = start(&text).await;
+    let (app, proxy) = start_app(&text).await;
     let sock = Target::Socket(dir.join("admin.sock"));
     let load = Load::start(proxy, 4, "/");
     call(
@@ -653,7 +635,7 @@ async fn a_restart_mid_rollout_continues_its_step() {
         .step_started_ms;
     app.shutdown().await;
 
-    let (app, proxy) = start(&text).await;
+    let (app, proxy) = start_app(&text).await;
     let r = app
         .server
         .table
@@ -711,7 +693,7 @@ async fn a_failing_preflight_blocks_the_start() {
     let dir = tmpdir("preflight");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let tables = "[service.rollout]\nsteps = [5, 100]\nhold = \"1m\"\n[[service.rollout.preflight]]\npath = \"/status/200\"\n[[service.rollout.preflight]]\nmethod = \"POST\"\npath = \"/echo-headers\"\nheaders = { x-test = \"1\" }\nexpect = [200]";
-    let (app, _) = start(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
+    let (app, _) = start_app(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
     let sock = Target::Socket(dir.join("admin.sock"));
     g.force_status.store(500, Ordering::SeqCst);
     let (s, v) = call(

@@ -1044,3 +1044,26 @@ pub async fn http_get_once(addr: SocketAddr, path: &str) -> std::io::Result<(u16
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// A fresh, empty directory under the system temp dir, unique per call.
+pub fn tmpdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "cyan-test-{tag}-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}
+
+/// Starts a whole cyan instance from config text; returns it and the address
+/// of its `public` listener.
+pub async fn start_app(text: &str) -> (cyan::app::App, SocketAddr) {
+    let cfg = Config::parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let app = cyan::app::App::start(cfg, None, false)
+        .await
+        .expect("app starts");
+    let addr = app.server.local_addr("public").expect("public listener");
+    (app, addr)
+}
