@@ -153,16 +153,15 @@ pub async fn start(
     Ok(out)
 }
 
+/// Decides who is calling, per request of one admin connection.
+type Authenticator = Arc<dyn Fn(&Request<Incoming>) -> Caller + Send + Sync>;
+
 /// How an admin listener accepts connections and decides who is calling.
 trait AdminAccept: Send + 'static {
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
     /// The authentication of one connection's requests.
-    fn caller(
-        &self,
-        stream: &Self::Stream,
-        cfg: &Arc<AdminConfig>,
-    ) -> Arc<dyn Fn(&Request<Incoming>) -> Caller + Send + Sync>;
+    fn caller(&self, stream: &Self::Stream, cfg: &Arc<AdminConfig>) -> Authenticator;
 }
 
 /// The Unix socket: the peer's uid (SO_PEERCRED) decides, per connection.
@@ -178,11 +177,7 @@ impl AdminAccept for UnixAdmin {
         self.listener.accept().await.map(|(s, _)| s)
     }
 
-    fn caller(
-        &self,
-        stream: &Self::Stream,
-        _: &Arc<AdminConfig>,
-    ) -> Arc<dyn Fn(&Request<Incoming>) -> Caller + Send + Sync> {
+    fn caller(&self, stream: &Self::Stream, _: &Arc<AdminConfig>) -> Authenticator {
         let caller = match stream.peer_cred() {
             Ok(c) if self.allowed.contains(&c.uid()) => Caller::Peer {
                 uid: c.uid(),
@@ -211,11 +206,7 @@ impl AdminAccept for TcpAdmin {
         self.0.accept().await.map(|(s, _)| s)
     }
 
-    fn caller(
-        &self,
-        _: &Self::Stream,
-        cfg: &Arc<AdminConfig>,
-    ) -> Arc<dyn Fn(&Request<Incoming>) -> Caller + Send + Sync> {
+    fn caller(&self, _: &Self::Stream, cfg: &Arc<AdminConfig>) -> Authenticator {
         let cfg = cfg.clone();
         Arc::new(move |req| token_caller(&cfg, req))
     }

@@ -52,7 +52,7 @@ async fn emfile_backs_off_and_recovers() {
     let stat_file = std::fs::File::open("/proc/self/stat").unwrap();
     let base = open_fds();
     let original = getrlimit(Resource::Nofile);
-    let mut low = original.clone();
+    let mut low = original;
     low.current = Some(base as u64 + 20);
     setrlimit(Resource::Nofile, low).unwrap();
 
