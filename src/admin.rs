@@ -404,6 +404,225 @@ struct SplitBody {
     reason: Option<String>,
 }
 
+/// An admin request, decoded and validated: what to do. Pure data, so the
+/// decoding can be tested (and fuzzed) without a running proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdminOp {
+    Status,
+    Table,
+    Events {
+        since: u64,
+        limit: usize,
+    },
+    Reload,
+    Service(String),
+    RolloutStatus(String),
+    /// A table change by an operator.
+    Change {
+        cmd: Command,
+        if_generation: Option<u64>,
+        reason: Option<String>,
+    },
+    Rollout {
+        service: String,
+        op: RolloutOp,
+        if_generation: Option<u64>,
+        reason: Option<String>,
+    },
+}
+
+/// Why a request could not be decoded: the status and the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> Refusal {
+    Refusal {
+        status,
+        message: message.into(),
+        field: field.map(str::to_string),
+    }
+}
+
+impl AdminOp {
+    /// Whether the operation changes anything (role `read` may not).
+    pub fn mutating(&self) -> bool {
+        matches!(
+            self,
+            AdminOp::Reload | AdminOp::Change { .. } | AdminOp::Rollout { .. }
+        )
+    }
+}
+
+/// Decodes a request: method, path, query and body into an [`AdminOp`].
+pub fn decode(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<AdminOp, Refusal> {
+    let path = path.trim_end_matches('/');
+    let segs: Vec<&str> = path.split('/').skip(1).collect();
+    let want = |m: Method| -> Result<(), Refusal> {
+        if *method == m || (m == Method::GET && *method == Method::HEAD) {
+            Ok(())
+        } else {
+            Err(refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("use {m}"),
+                None,
+            ))
+        }
+    };
+    match segs.as_slice() {
+        ["v1", "status"] => want(Method::GET).map(|_| AdminOp::Status),
+        ["v1", "table"] => want(Method::GET).map(|_| AdminOp::Table),
+        ["v1", "reload"] => want(Method::POST).map(|_| AdminOp::Reload),
+        ["v1", "events"] => {
+            want(Method::GET)?;
+            let (since, limit) = events_query(query)?;
+            Ok(AdminOp::Events { since, limit })
+        }
+        ["v1", "services", name] => want(Method::GET).map(|_| AdminOp::Service(name.to_string())),
+        ["v1", "services", name, "rollout"] => {
+            want(Method::GET).map(|_| AdminOp::RolloutStatus(name.to_string()))
+        }
+        ["v1", "services", name, "split"] => {
+            want(Method::PUT)?;
+            let b: SplitBody = parse(body)?;
+            let bp = percent_to_bp(b.candidate_percent)
+                .map_err(|e| refuse(StatusCode::BAD_REQUEST, e, Some("candidate_percent")))?;
+            Ok(AdminOp::Change {
+                cmd: Command::SetSplit {
+                    service: name.to_string(),
+                    candidate_bp: bp,
+                },
+                if_generation: b.if_generation,
+                reason: b.reason,
+            })
+        }
+        ["v1", "services", name, action @ ("promote" | "rollback")] => {
+            want(Method::POST)?;
+            let b = parse_optional(body)?;
+            let service = name.to_string();
+            let cmd = if *action == "promote" {
+                Command::Promote { service }
+            } else {
+                Command::Rollback { service }
+            };
+            Ok(AdminOp::Change {
+                cmd,
+                if_generation: b.if_generation,
+                reason: b.reason,
+            })
+        }
+        ["v1", "services", name, "rollout", op @ ("start" | "pause" | "resume" | "abort")] => {
+            want(Method::POST)?;
+            let b = parse_optional(body)?;
+            let op = match *op {
+                "start" => RolloutOp::Start,
+                "pause" => RolloutOp::Pause,
+                "resume" => RolloutOp::Resume,
+                _ => RolloutOp::Abort,
+            };
+            Ok(AdminOp::Rollout {
+                service: name.to_string(),
+                op,
+                if_generation: b.if_generation,
+                reason: b.reason,
+            })
+        }
+        ["v1", "services", name, "endpoints", addr, action @ ("drain" | "undrain")] => {
+            want(Method::POST)?;
+            let addr = addr.parse::<SocketAddr>().map_err(|_| {
+                refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("`{addr}` is not an IP:PORT address"),
+                    Some("address"),
+                )
+            })?;
+            let b = parse_optional(body)?;
+            Ok(AdminOp::Change {
+                cmd: Command::SetDrained {
+                    service: name.to_string(),
+                    addr,
+                    drained: *action == "drain",
+                },
+                if_generation: b.if_generation,
+                reason: b.reason,
+            })
+        }
+        _ => Err(refuse(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint: {path}"),
+            None,
+        )),
+    }
+}
+
+fn events_query(query: Option<&str>) -> Result<(u64, usize), Refusal> {
+    let mut since = 0u64;
+    let mut limit = 1000usize;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "since" => {
+                since = v.parse().map_err(|_| {
+                    refuse(
+                        StatusCode::BAD_REQUEST,
+                        "since must be a number",
+                        Some("since"),
+                    )
+                })?
+            }
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .map_err(|_| {
+                        refuse(
+                            StatusCode::BAD_REQUEST,
+                            "limit must be a number",
+                            Some("limit"),
+                        )
+                    })?
+                    .clamp(1, 10_000)
+            }
+            _ => {
+                return Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter `{k}`"),
+                    Some(k),
+                ))
+            }
+        }
+    }
+    Ok((since, limit))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = format!("invalid JSON body: {e}");
+        // serde names the offending field in its message; pass it on.
+        let field = msg.split('`').nth(1).map(str::to_string);
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            message: msg,
+            field,
+        }
+    })
+}
+
+fn parse_optional(body: &[u8]) -> Result<ChangeBody, Refusal> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        Ok(ChangeBody::default())
+    } else {
+        parse(body)
+    }
+}
+
 async fn handle(
     ctl: &Controller,
     cfg: &AdminConfig,
@@ -414,21 +633,6 @@ async fn handle(
         return error(status, why, None);
     }
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path().trim_end_matches('/').to_string();
-    let segs: Vec<&str> = path.split('/').skip(1).collect();
-    let mutating = parts.method != Method::GET && parts.method != Method::HEAD;
-    if mutating {
-        if let Caller::Token {
-            role: Role::Read, ..
-        } = caller
-        {
-            return error(
-                StatusCode::FORBIDDEN,
-                "token role `read` may not change anything",
-                None,
-            );
-        }
-    }
     let body = match Limited::new(body, cfg.max_body_bytes).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -447,121 +651,100 @@ async fn handle(
             };
         }
     };
-    let actor = caller.actor();
-    let m = &parts.method;
-    match segs.as_slice() {
-        ["v1", "status"] => only(m, Method::GET, || status(ctl)),
-        ["v1", "table"] => only(m, Method::GET, || table(ctl)),
-        ["v1", "events"] => only(m, Method::GET, || events(ctl, parts.uri.query())),
-        ["v1", "reload"] => {
-            if m != Method::POST {
-                return error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None);
-            }
-            match ctl.reload(&actor) {
-                Ok(generation) => reply(
-                    StatusCode::OK,
-                    json!({ "result": "reloaded", "generation": generation }),
-                ),
-                Err(e) => error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("reload rejected, nothing changed: {e}"),
-                    Some("config"),
-                ),
-            }
+    let op = match decode(&parts.method, parts.uri.path(), parts.uri.query(), &body) {
+        Ok(op) => op,
+        Err(r) => return error(r.status, &r.message, r.field.as_deref()),
+    };
+    if op.mutating() {
+        if let Caller::Token {
+            role: Role::Read, ..
+        } = caller
+        {
+            return error(
+                StatusCode::FORBIDDEN,
+                "token role `read` may not change anything",
+                None,
+            );
         }
-        ["v1", "services", name] => only(m, Method::GET, || {
+    }
+    execute(ctl, op, &caller.actor()).await
+}
+
+/// Carries out a decoded operation.
+async fn execute(ctl: &Controller, op: AdminOp, actor: &str) -> Resp {
+    match op {
+        AdminOp::Status => status(ctl),
+        AdminOp::Table => table(ctl),
+        AdminOp::Events { since, limit } => {
+            let events = ctl.store.events_since(since, limit);
+            reply(StatusCode::OK, json!({ "events": events }))
+        }
+        AdminOp::Reload => match ctl.reload(actor) {
+            Ok(generation) => reply(
+                StatusCode::OK,
+                json!({ "result": "reloaded", "generation": generation }),
+            ),
+            Err(e) => error(
+                StatusCode::BAD_REQUEST,
+                &format!("reload rejected, nothing changed: {e}"),
+                Some("config"),
+            ),
+        },
+        AdminOp::Service(name) => {
             let t = ctl.table.load();
-            match t.service(name) {
+            match t.service(&name) {
                 Some(s) => reply(StatusCode::OK, service_json(s, t.generation)),
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    &format!("no service named `{name}`"),
-                    Some("service"),
-                ),
+                None => no_service(&name),
             }
-        }),
-        ["v1", "services", name, "split"] => {
-            if m != Method::PUT {
-                return error(StatusCode::METHOD_NOT_ALLOWED, "use PUT", None);
-            }
-            let b: SplitBody = match parse(&body) {
-                Ok(b) => b,
-                Err(r) => return *r,
-            };
-            let bp = match percent_to_bp(b.candidate_percent) {
-                Ok(bp) => bp,
-                Err(e) => return error(StatusCode::BAD_REQUEST, &e, Some("candidate_percent")),
-            };
-            let cmd = Command::SetSplit {
-                service: name.to_string(),
-                candidate_bp: bp,
-            };
-            apply(ctl, cmd, b.if_generation, b.reason, &actor)
         }
-        ["v1", "services", name, action @ ("promote" | "rollback")] => {
-            if m != Method::POST {
-                return error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None);
-            }
-            let b = match parse_optional(&body) {
-                Ok(b) => b,
-                Err(r) => return *r,
-            };
-            let service = name.to_string();
-            let cmd = if *action == "promote" {
-                Command::Promote { service }
-            } else {
-                Command::Rollback { service }
-            };
-            apply(ctl, cmd, b.if_generation, b.reason, &actor)
-        }
-        ["v1", "services", name, "rollout"] => only(m, Method::GET, || {
+        AdminOp::RolloutStatus(name) => {
             let t = ctl.table.load();
-            match t.service(name) {
-                Some(s) => {
-                    let v = service_json(s, t.generation);
-                    reply(
-                        StatusCode::OK,
-                        json!({
-                            "service": &*s.name,
-                            "generation": t.generation,
-                            "candidate_percent": v["candidate_percent"],
-                            "rollout": v["rollout"],
-                            "rolled_back": v["rolled_back"],
-                            "plan": s.config.rollout.as_ref().map(|p| json!({
-                                "steps": p.steps.iter().map(|b| bp_to_percent(*b)).collect::<Vec<_>>(),
-                                "hold": crate::config::format_duration(p.hold),
-                                "min_requests": p.min_requests,
-                                "preflight_checks": p.preflight.len(),
-                            })),
-                        }),
-                    )
-                }
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    &format!("no service named `{name}`"),
-                    Some("service"),
-                ),
-            }
-        }),
-        ["v1", "services", name, "rollout", op @ ("start" | "pause" | "resume" | "abort")] => {
-            if m != Method::POST {
-                return error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None);
-            }
-            let b = match parse_optional(&body) {
-                Ok(b) => b,
-                Err(r) => return *r,
+            let Some(s) = t.service(&name) else {
+                return no_service(&name);
             };
-            let op = match *op {
-                "start" => RolloutOp::Start,
-                "pause" => RolloutOp::Pause,
-                "resume" => RolloutOp::Resume,
-                _ => RolloutOp::Abort,
-            };
+            let v = service_json(s, t.generation);
+            reply(
+                StatusCode::OK,
+                json!({
+                    "service": &*s.name,
+                    "generation": t.generation,
+                    "candidate_percent": v["candidate_percent"],
+                    "rollout": v["rollout"],
+                    "rolled_back": v["rolled_back"],
+                    "plan": s.config.rollout.as_ref().map(|p| json!({
+                        "steps": p.steps.iter().map(|b| bp_to_percent(*b)).collect::<Vec<_>>(),
+                        "hold": crate::config::format_duration(p.hold),
+                        "min_requests": p.min_requests,
+                        "preflight_checks": p.preflight.len(),
+                    })),
+                }),
+            )
+        }
+        AdminOp::Change {
+            cmd,
+            if_generation,
+            reason,
+        } => {
+            let service = cmd.service().to_string();
+            let change = Change::new(cmd, Origin::Operator, actor)
+                .if_generation(if_generation)
+                .reason(reason);
+            match ctl.table.apply(change) {
+                Ok(applied) => applied_reply(ctl, &service, applied),
+                Err(e) => table_error(e),
+            }
+        }
+        AdminOp::Rollout {
+            service,
+            op,
+            if_generation,
+            reason,
+        } => {
             match ctl
-                .rollout(name, op, &actor, b.if_generation, b.reason)
+                .rollout(&service, op, actor, if_generation, reason)
                 .await
             {
-                Ok(applied) => applied_reply(ctl, name, applied),
+                Ok(applied) => applied_reply(ctl, &service, applied),
                 Err(RolloutError::Table(e)) => table_error(e),
                 Err(e @ RolloutError::NoPlan(_)) => {
                     error(StatusCode::BAD_REQUEST, &e.to_string(), Some("rollout"))
@@ -573,76 +756,15 @@ async fn handle(
                 ),
             }
         }
-        ["v1", "services", name, "endpoints", addr, action @ ("drain" | "undrain")] => {
-            if m != Method::POST {
-                return error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None);
-            }
-            let Ok(addr) = addr.parse::<SocketAddr>() else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("`{addr}` is not an IP:PORT address"),
-                    Some("address"),
-                );
-            };
-            let b = match parse_optional(&body) {
-                Ok(b) => b,
-                Err(r) => return *r,
-            };
-            let cmd = Command::SetDrained {
-                service: name.to_string(),
-                addr,
-                drained: *action == "drain",
-            };
-            apply(ctl, cmd, b.if_generation, b.reason, &actor)
-        }
-        _ => error(
-            StatusCode::NOT_FOUND,
-            &format!("no such endpoint: {}", parts.uri.path()),
-            None,
-        ),
     }
 }
 
-fn only(m: &Method, want: Method, f: impl FnOnce() -> Resp) -> Resp {
-    if *m == want || (want == Method::GET && *m == Method::HEAD) {
-        f()
-    } else {
-        error(StatusCode::METHOD_NOT_ALLOWED, &format!("use {want}"), None)
-    }
-}
-
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Resp>> {
-    serde_json::from_slice(body).map_err(|e| {
-        let msg = format!("invalid JSON body: {e}");
-        // serde names the offending field in its message; pass it on.
-        let field = msg.split('`').nth(1).map(str::to_string);
-        Box::new(error(StatusCode::BAD_REQUEST, &msg, field.as_deref()))
-    })
-}
-
-fn parse_optional(body: &[u8]) -> Result<ChangeBody, Box<Resp>> {
-    if body.iter().all(|b| b.is_ascii_whitespace()) {
-        Ok(ChangeBody::default())
-    } else {
-        parse(body)
-    }
-}
-
-fn apply(
-    ctl: &Controller,
-    cmd: Command,
-    if_generation: Option<u64>,
-    reason: Option<String>,
-    actor: &str,
-) -> Resp {
-    let service = cmd.service().to_string();
-    let change = Change::new(cmd, Origin::Operator, actor)
-        .if_generation(if_generation)
-        .reason(reason);
-    match ctl.table.apply(change) {
-        Ok(applied) => applied_reply(ctl, &service, applied),
-        Err(e) => table_error(e),
-    }
+fn no_service(name: &str) -> Resp {
+    error(
+        StatusCode::NOT_FOUND,
+        &format!("no service named `{name}`"),
+        Some("service"),
+    )
 }
 
 fn applied_reply(ctl: &Controller, service: &str, applied: Applied) -> Resp {
@@ -722,45 +844,6 @@ fn table(ctl: &Controller) -> Resp {
         StatusCode::OK,
         json!({ "generation": t.generation, "listeners": t.listener_names, "services": services }),
     )
-}
-
-fn events(ctl: &Controller, query: Option<&str>) -> Resp {
-    let mut since = 0u64;
-    let mut limit = 1000usize;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
-            "since" => match v.parse() {
-                Ok(n) => since = n,
-                Err(_) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "since must be a number",
-                        Some("since"),
-                    )
-                }
-            },
-            "limit" => match v.parse::<usize>() {
-                Ok(n) => limit = n.clamp(1, 10_000),
-                Err(_) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "limit must be a number",
-                        Some("limit"),
-                    )
-                }
-            },
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("unknown parameter `{k}`"),
-                    Some(k),
-                )
-            }
-        }
-    }
-    let events = ctl.store.events_since(since, limit);
-    reply(StatusCode::OK, json!({ "events": events }))
 }
 
 /// A service as the API shows it.

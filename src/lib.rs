@@ -68,6 +68,8 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod headers;
 pub mod health;
 pub mod metrics;
