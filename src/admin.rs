@@ -107,6 +107,11 @@ pub enum AdminError {
 pub struct AdminServer {
     pub socket: Option<PathBuf>,
     pub tcp_addr: Option<SocketAddr>,
+    /// Duplicates of the admin sockets, to hand to a successor.
+    pub fds: Vec<(String, std::os::fd::OwnedFd)>,
+    /// Set once a successor took the sockets over: the socket file is then
+    /// theirs and must not be removed.
+    pub handed_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Binds the configured admin listeners and serves them until `stop`.
@@ -114,33 +119,67 @@ pub async fn start(
     cfg: &AdminConfig,
     ctl: Arc<Controller>,
     stop: CancellationToken,
+    inherited: &mut crate::upgrade::Inherited,
 ) -> Result<AdminServer, AdminError> {
+    use std::os::fd::AsFd;
     let cfg = Arc::new(cfg.clone());
     let mut out = AdminServer {
         socket: None,
         tcp_addr: None,
+        fds: Vec::new(),
+        handed_over: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
     if let Some(path) = &cfg.socket {
+        let sock_err = |source| AdminError::Socket {
+            path: path.clone(),
+            source,
+        };
+        let listener = match inherited.take("admin_unix") {
+            Some(fd) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true).map_err(sock_err)?;
+                UnixListener::from_std(l).map_err(sock_err)?
+            }
+            None => bind_unix(path)?,
+        };
+        if let Ok(fd) = listener.as_fd().try_clone_to_owned() {
+            out.fds.push(("admin_unix".into(), fd));
+        }
         let listener = UnixAdmin {
-            listener: bind_unix(path)?,
+            listener,
             allowed: allowed_uids(&cfg),
         };
         out.socket = Some(path.clone());
         let path = path.clone();
+        let handed_over = out.handed_over.clone();
         spawn_accept_loop(
             listener,
             cfg.clone(),
             ctl.clone(),
             stop.clone(),
             move || {
-                let _ = std::fs::remove_file(&path);
+                // Once handed over, the socket file belongs to the successor.
+                if !handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+                    let _ = std::fs::remove_file(&path);
+                }
             },
         );
     }
     if let Some(addr) = cfg.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| AdminError::Tcp { addr, source })?;
+        let listener = match inherited.take("admin_tcp") {
+            Some(fd) => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)
+                    .and_then(|_| TcpListener::from_std(l))
+                    .map_err(|source| AdminError::Tcp { addr, source })?
+            }
+            None => TcpListener::bind(addr)
+                .await
+                .map_err(|source| AdminError::Tcp { addr, source })?,
+        };
+        if let Ok(fd) = listener.as_fd().try_clone_to_owned() {
+            out.fds.push(("admin_tcp".into(), fd));
+        }
         out.tcp_addr = listener.local_addr().ok();
         spawn_accept_loop(
             TcpAdmin(listener),
@@ -263,8 +302,8 @@ fn allowed_uids(cfg: &AdminConfig) -> Vec<u32> {
     }
 }
 
-/// Binds the Unix socket with mode 0600, replacing only a stale socket.
-fn bind_unix(path: &Path) -> Result<UnixListener, AdminError> {
+/// Binds a Unix socket with mode 0600, replacing only a stale socket.
+pub(crate) fn bind_unix(path: &Path) -> Result<UnixListener, AdminError> {
     use std::os::unix::fs::FileTypeExt;
     let sock_err = |source| AdminError::Socket {
         path: path.to_path_buf(),

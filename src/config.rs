@@ -130,6 +130,7 @@ struct RawMetrics {
 struct RawRuntime {
     worker_threads: Option<usize>,
     drain_timeout: Option<String>,
+    upgrade_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -346,6 +347,9 @@ pub struct RuntimeConfig {
     pub worker_threads: Option<usize>,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub drain_timeout: Duration,
+    /// Where a successor asks for the listening sockets (`cyan run
+    /// --upgrade`); `None` = binary upgrades are off.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 /// `[[listener]]`: one bound socket with its client-side limits.
@@ -775,6 +779,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             raw.runtime.drain_timeout.as_deref(),
             defaults::DRAIN_TIMEOUT,
         ),
+        upgrade_socket: raw.runtime.upgrade_socket.map(|p| resolve(base, p)),
     };
 
     if raw.listeners.is_empty() {

@@ -84,6 +84,7 @@ pub mod state;
 pub mod stats;
 pub mod table;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 
 /// The version string reported by `--version`, logs and `cyan_build_info`.

@@ -42,6 +42,11 @@ enum Command {
         /// values (the file is overwritten on the next change).
         #[arg(long)]
         fresh_state: bool,
+        /// Take the listening sockets over from the cyan running with this
+        /// config (via `[runtime] upgrade_socket`); it drains and exits once
+        /// this one serves. No connection is refused in between.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file: exit 0, or 1 with every problem listed by key.
     Check {
@@ -175,6 +180,7 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             fresh_state,
+            upgrade,
         } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
@@ -190,7 +196,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            rt.block_on(run(cfg, config, fresh_state))
+            rt.block_on(run(cfg, config, fresh_state, upgrade))
         }
         Command::Demo { listen } => {
             let rt = match runtime(None) {
@@ -214,8 +220,33 @@ fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     b.build()
 }
 
-async fn run(cfg: Config, path: PathBuf, fresh_state: bool) -> ExitCode {
-    let app = match App::start(cfg.clone(), Some(path), fresh_state).await {
+async fn run(cfg: Config, path: PathBuf, fresh_state: bool, upgrade: bool) -> ExitCode {
+    let (inherited, predecessor) = if upgrade {
+        let Some(sock) = cfg.runtime.upgrade_socket.clone() else {
+            eprintln!("cyan: --upgrade needs [runtime] upgrade_socket in the config");
+            return ExitCode::from(1);
+        };
+        match tokio::task::spawn_blocking(move || cyan::upgrade::request(&sock)).await {
+            Ok(Ok((inherited, stream))) => {
+                tracing::info!(
+                    sockets = inherited.fds.len(),
+                    "took the listening sockets over"
+                );
+                (inherited, Some(stream))
+            }
+            Ok(Err(e)) => {
+                eprintln!("cyan: upgrade failed, nothing changed: {e}");
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("cyan: upgrade failed: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        (Default::default(), None)
+    };
+    let app = match App::start_inheriting(cfg.clone(), Some(path), fresh_state, inherited).await {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
@@ -241,7 +272,15 @@ async fn run(cfg: Config, path: PathBuf, fresh_state: bool) -> ExitCode {
         services = cfg.services.len(),
         "cyan is serving"
     );
-    wait_for_signals(Some(&app.controller)).await;
+    if let Some(stream) = predecessor {
+        if let Err(e) = cyan::upgrade::ready(stream) {
+            tracing::warn!(error = %e, "could not tell the previous process we are ready; it keeps serving too");
+        }
+    }
+    tokio::select! {
+        _ = wait_for_signals(Some(&app.controller)) => {}
+        _ = app.upgraded.cancelled() => tracing::info!("handed over to the new process"),
+    }
     tracing::info!("draining");
     let report = app.shutdown().await;
     if report.abandoned > 0 {

@@ -27,15 +27,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// Starts the listener; returns its bound address.
+/// Starts the listener (on `inherited` when a previous process handed its
+/// socket over); returns its address and a duplicate of its socket.
 pub async fn start(
     addr: SocketAddr,
+    inherited: Option<std::os::fd::OwnedFd>,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     stop: CancellationToken,
-) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+) -> std::io::Result<(SocketAddr, std::os::fd::OwnedFd)> {
+    use std::os::fd::AsFd;
+    let listener = match inherited {
+        Some(fd) => {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)?
+        }
+        None => TcpListener::bind(addr).await?,
+    };
     let local = listener.local_addr()?;
+    let dup = listener.as_fd().try_clone_to_owned()?;
     tokio::spawn(async move {
         let permits = Arc::new(Semaphore::new(64));
         loop {
@@ -70,7 +81,7 @@ pub async fn start(
             });
         }
     });
-    Ok(local)
+    Ok((local, dup))
 }
 
 fn answer(req: &Request<Incoming>, metrics: &Metrics, ready: &AtomicBool) -> Response<Full<Bytes>> {

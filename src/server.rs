@@ -32,11 +32,14 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::os::fd::AsFd;
+
 use crate::config::{Config, ListenerConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{self, ConnCtx, ListenerCtx};
 use crate::table::Table;
 use crate::tls::SniResolver;
+use crate::upgrade::Inherited;
 
 /// Per-connection activity, read by the idle watchdog. Atomics only: the
 /// request path never locks.
@@ -103,6 +106,22 @@ pub enum StartError {
     Table(String),
 }
 
+/// Uses the socket a previous process handed over for this listener when
+/// its address matches the config, otherwise binds a new one.
+fn adopt_or_bind(lc: &ListenerConfig, inherited: &mut Inherited) -> std::io::Result<TcpListener> {
+    if let Some(fd) = inherited.take(&format!("listener:{}", lc.name)) {
+        let std_listener = std::net::TcpListener::from(fd);
+        let addr = std_listener.local_addr()?;
+        if addr == lc.listen || (lc.listen.port() == 0 && addr.ip() == lc.listen.ip()) {
+            std_listener.set_nonblocking(true)?;
+            tracing::info!(listener = %lc.name, %addr, "listening socket taken over from the previous process");
+            return TcpListener::from_std(std_listener);
+        }
+        tracing::warn!(listener = %lc.name, inherited = %addr, configured = %lc.listen, "inherited socket has another address; binding anew");
+    }
+    bind(lc.listen)
+}
+
 /// Binds a listening socket (SO_REUSEADDR, a deep backlog).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
@@ -125,6 +144,8 @@ pub struct Server {
     addrs: Vec<(String, SocketAddr)>,
     /// Each TLS listener's certificate resolver, for reloads.
     pub tls_resolvers: Vec<(String, Arc<SniResolver>)>,
+    /// Duplicates of the listening sockets, to hand to a successor.
+    pub listener_fds: Vec<(String, std::os::fd::OwnedFd)>,
     shutdown: CancellationToken,
     /// Cancelled at the drain deadline: whatever still runs is dropped (its
     /// connections reset) rather than left behind.
@@ -147,11 +168,17 @@ impl Server {
     pub async fn start(config: &Config) -> Result<Server, StartError> {
         let metrics = Metrics::new();
         let table = Arc::new(Table::new(config, metrics.clone()).map_err(StartError::Table)?);
-        Server::start_with(config, table).await
+        Server::start_with(config, table, &mut Inherited::default()).await
     }
 
-    /// Starts serving `table` on the config's listeners.
-    pub async fn start_with(config: &Config, table: Arc<Table>) -> Result<Server, StartError> {
+    /// Starts serving `table` on the config's listeners, adopting sockets
+    /// inherited from a previous process (`listener:<name>`) where their
+    /// address still matches.
+    pub async fn start_with(
+        config: &Config,
+        table: Arc<Table>,
+        inherited: &mut Inherited,
+    ) -> Result<Server, StartError> {
         crate::tls::install_provider();
         let metrics = table.metrics().clone();
         let shutdown = CancellationToken::new();
@@ -160,6 +187,7 @@ impl Server {
         let mut addrs = Vec::new();
         let mut tls_resolvers = Vec::new();
         let mut bound = Vec::new();
+        let mut listener_fds = Vec::new();
         let access_log = match &config.access_log {
             Some(target) => Some(
                 crate::access_log::AccessLog::start(target, metrics.access_log_dropped.clone())
@@ -184,11 +212,14 @@ impl Server {
                 }
                 None => None,
             };
-            let listener = bind(lc.listen).map_err(|source| StartError::Bind {
+            let listener = adopt_or_bind(lc, inherited).map_err(|source| StartError::Bind {
                 name: lc.name.clone(),
                 addr: lc.listen,
                 source,
             })?;
+            if let Ok(fd) = listener.as_fd().try_clone_to_owned() {
+                listener_fds.push((format!("listener:{}", lc.name), fd));
+            }
             let local = listener.local_addr().map_err(|source| StartError::Bind {
                 name: lc.name.clone(),
                 addr: lc.listen,
@@ -237,6 +268,7 @@ impl Server {
             metrics,
             addrs,
             tls_resolvers,
+            listener_fds,
             shutdown,
             hard_stop,
             tracker,
