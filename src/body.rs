@@ -400,7 +400,7 @@ impl Body for RespBody {
         let this = self.get_mut();
         let polled = match &mut this.inner {
             RespInner::Full(d) => Poll::Ready(d.take().map(|d| Ok(Frame::data(d)))),
-            RespInner::Upstream(b) => match Pin::new(b).poll_frame(cx) {
+            RespInner::Upstream(b) => match Pin::new(&mut *b).poll_frame(cx) {
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(g) = this.guard.as_mut() {
                         g.body_failed();
@@ -413,6 +413,15 @@ impl Body for RespBody {
                         this.guard.as_mut().and_then(|g| g.access.as_deref_mut()),
                     ) {
                         a.bytes_out += d.len() as u64;
+                    }
+                    // hyper stops polling once `is_end_stream` is true (an
+                    // exact Content-Length is fully sent): complete now, or
+                    // the connection would never go back to the pool.
+                    if b.is_end_stream() {
+                        if let Some(g) = this.guard.as_mut() {
+                            g.body_complete();
+                        }
+                        this.guard = None;
                     }
                     Poll::Ready(Some(Ok(f)))
                 }

@@ -374,6 +374,24 @@ fn respond(
     conn: &ConnCtx,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
+    // A response framed two ways (RFC 9112 §6.3) is a smuggling attempt or a
+    // broken upstream: nothing of it reaches the client and its connection
+    // is not reused (`pooled` is dropped with it).
+    if parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        drop((body, pooled));
+        tracing::warn!(service = %svc.name, %color, "upstream response has both Content-Length and Transfer-Encoding");
+        if let Some(a) = guard.access() {
+            a.error = Some("bad_response");
+        }
+        guard.set_response(502, None);
+        return text_response(
+            StatusCode::BAD_GATEWAY,
+            "upstream sent an ambiguous response",
+            guard,
+        );
+    }
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         match (client_upgrade, parts.extensions.remove::<OnUpgrade>()) {

@@ -183,27 +183,17 @@ impl Upstream {
     /// Returns a connection whose response has been read to its end. hyper
     /// marks it ready a moment after the body's end reached us; one not yet
     /// ready is awaited (bounded) in a small task, off the request path.
-    pub fn check_in(self: &Arc<Self>, pooled: Pooled) {
-        let Pooled::H1(mut tx) = pooled;
+    pub fn check_in(&self, pooled: Pooled) {
+        let Pooled::H1(tx) = pooled;
         if tx.is_closed() {
             return;
         }
-        if tx.is_ready() {
-            let _ = self.idle.push(Idle {
-                tx,
-                since: Instant::now(),
-            });
-            return;
-        }
-        let me = self.clone();
-        tokio::spawn(async move {
-            let ready = tokio::time::timeout(Duration::from_secs(1), tx.ready()).await;
-            if matches!(ready, Ok(Ok(()))) {
-                let _ = me.idle.push(Idle {
-                    tx,
-                    since: Instant::now(),
-                });
-            }
+        // Its response has been read to the end, so hyper marks it ready a
+        // moment from now (its connection task has not run yet). Pool it at
+        // once: the next request must find it, not open a new connection.
+        let _ = self.idle.push(Idle {
+            tx,
+            since: Instant::now(),
         });
     }
 
@@ -221,15 +211,27 @@ impl Upstream {
         }
     }
 
+    /// Open and young enough (it may still be settling into readiness).
     fn usable(&self, i: &Idle) -> bool {
-        !i.tx.is_closed() && i.tx.is_ready() && i.since.elapsed() < self.settings.idle_timeout
+        !i.tx.is_closed() && i.since.elapsed() < self.settings.idle_timeout
     }
 
-    fn checkout(&self) -> Option<Sender> {
+    async fn checkout(&self) -> Option<Sender> {
         match self.settings.protocol {
             Protocol::Http1 => {
-                while let Some(i) = self.idle.pop() {
-                    if self.usable(&i) {
+                while let Some(mut i) = self.idle.pop() {
+                    if !self.usable(&i) {
+                        continue;
+                    }
+                    if i.tx.is_ready() {
+                        return Some(Sender::H1(i.tx));
+                    }
+                    // Checked in a moment ago, not marked ready yet: that
+                    // takes microseconds; a connection that does not get
+                    // there quickly is dropped.
+                    if let Ok(Ok(())) =
+                        tokio::time::timeout(Duration::from_millis(20), i.tx.ready()).await
+                    {
                         return Some(Sender::H1(i.tx));
                     }
                 }
@@ -250,7 +252,7 @@ impl Upstream {
             Protocol::Http1 => self.connect().await,
             Protocol::H2 | Protocol::H2c => {
                 let _one_at_a_time = self.h2_connect.lock().await;
-                if let Some(s) = self.checkout() {
+                if let Some(s) = self.checkout().await {
                     return Ok(s);
                 }
                 let s = self.connect().await?;
@@ -307,7 +309,7 @@ impl Upstream {
         // Pooled connections may turn out closed; each such attempt gives the
         // request back untouched. Bounded so a broken endpoint cannot spin.
         for _ in 0..4 {
-            let (sender, fresh) = match self.checkout() {
+            let (sender, fresh) = match self.checkout().await {
                 Some(s) => (s, false),
                 None => match self.connect_sender().await {
                     Ok(s) => (s, true),

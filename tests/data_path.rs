@@ -645,3 +645,89 @@ async fn access_log_has_one_json_line_per_request() {
     server.shutdown().await;
     let _ = std::fs::remove_file(&path);
 }
+
+/// A backend speaking raw bytes: `/good` is a proper keep-alive answer, the
+/// other paths send malicious framing. Counts accepted connections.
+async fn raw_backend() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let n = match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("/");
+                    let answer: &[u8] = match path {
+                        "/good" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                        "/cl-te" => b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
+                        "/two-cl" => b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nContent-Length: 9\r\n\r\nSMUGGLED!",
+                        "/split" => b"HTTP/1.1 200 OK\r\nX-A: b\rSet-Cookie: SMUGGLED=1\r\nContent-Length: 2\r\n\r\nok",
+                        _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malicious_backend_responses_become_502_and_are_not_pooled() {
+    let (raw, conns) = raw_backend().await;
+    let g = Backend::start("green").await;
+    let template = service_config(0.0, "").replace("[{blue}]", &format!("[\"{raw}\"]"));
+    let cfg = config(&template, &[], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let client = h1_client();
+    for _ in 0..2 {
+        let (s, _, body) = get(&client, proxy, "/good", &[]).await;
+        assert_eq!((s.as_u16(), body.as_str()), (200, "ok"));
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "good answers reuse the pooled connection"
+    );
+    let mut expected_conns = 1;
+    for path in ["/cl-te", "/two-cl", "/split"] {
+        let (s, h, body) = get(&client, proxy, path, &[]).await;
+        assert_eq!(s, 502, "{path}: {body}");
+        assert!(
+            !body.contains("SMUGGLED"),
+            "{path}: smuggled bytes reached the client: {body}"
+        );
+        assert!(h.get("set-cookie").is_none(), "{path}");
+        // The poisoned connection is gone: the next request opens a new one.
+        let (s, _, _) = get(&client, proxy, "/good", &[]).await;
+        assert_eq!(s, 200);
+        expected_conns += 1;
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            expected_conns,
+            "{path}: the connection was reused"
+        );
+    }
+    assert_eq!(g.hits(), 0, "a bad response is not retried elsewhere");
+    server.shutdown().await;
+}
