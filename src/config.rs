@@ -302,7 +302,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `[state] dir`; `None` = nothing persisted, no audit file.
     pub state_dir: Option<PathBuf>,
-    /// `[metrics] listen`; `None` = no metrics/health listener.
+    /// `[metrics] listen`: 127.0.0.1:9900 unless configured; `None` when set
+    /// to "off".
     pub metrics_listen: Option<SocketAddr>,
     /// `[access_log] path`; `None` = no access log.
     pub access_log: Option<crate::access_log::Target>,
@@ -601,6 +602,8 @@ pub mod defaults {
     pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
     pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
     pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
+    pub const METRICS_LISTEN: std::net::SocketAddr =
+        std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9900);
 }
 
 // ---------------------------------------------------------------------------
@@ -859,18 +862,21 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             p.push("admin", "set socket = \"...\" and/or listen = \"IP:PORT\"");
         }
     }
-    let metrics_listen = raw
-        .metrics
-        .and_then(|m| match m.listen.parse::<SocketAddr>() {
+    // On by default on loopback; `listen = "off"` turns it off.
+    let metrics_listen = match raw.metrics.as_ref().map(|m| m.listen.as_str()) {
+        None => Some(defaults::METRICS_LISTEN),
+        Some("off") => None,
+        Some(l) => match l.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
                 p.push(
                     "metrics.listen",
-                    format!("`{}` is not an IP:PORT address", m.listen),
+                    format!("`{l}` is not an IP:PORT address (or \"off\")"),
                 );
                 None
             }
-        });
+        },
+    };
     let state_dir = raw.state.map(|s| resolve(base, s.dir));
     let access_log = raw.access_log.map(|a| match a.path.as_str() {
         "stdout" | "-" => crate::access_log::Target::Stdout,
@@ -1782,6 +1788,16 @@ green = { endpoints = ["127.0.0.1:2"], tls = { ca = "/nonexistent/ca.pem" } }
         ] {
             assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
         }
+    }
+
+    #[test]
+    fn metrics_listener_is_on_by_default_and_can_be_turned_off() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9900".parse().unwrap()));
+        let off = Config::parse(&format!("[metrics]\nlisten = \"off\"\n{MINIMAL}")).unwrap();
+        assert_eq!(off.metrics_listen, None);
+        let bad = Config::parse(&format!("[metrics]\nlisten = \"nine\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(bad.problems[0].key, "metrics.listen");
     }
 
     #[test]

@@ -25,6 +25,8 @@ fn cp_config(dir: &Path, percent: f64, admin_extra: &str, b: &Backend, g: &Backe
 [runtime]
 drain_timeout = "5s"
 
+[metrics]
+listen = "127.0.0.1:0"
 [admin]
 socket = "{sock}"
 {admin_extra}
@@ -809,7 +811,7 @@ async fn certificates_reload_without_dropping_connections() {
     let (live_cert, live_key) = (dir.path().join("live.pem"), dir.path().join("live.key"));
     std::fs::copy(&a.cert_path, &live_cert).unwrap();
     std::fs::copy(&a.key_path, &live_key).unwrap();
-    let listen = "listen = \"127.0.0.1:0\"\n";
+    let listen = "name = \"public\"\nlisten = \"127.0.0.1:0\"\n";
     let text = cp_config(dir.path(), 0.0, "", &b, &g).replacen(
         listen,
         &format!(

@@ -38,6 +38,8 @@ fn cfg(
         r#"
 [runtime]
 drain_timeout = "2s"
+[metrics]
+listen = "127.0.0.1:0"
 [admin]
 socket = "{sock}"
 [state]
