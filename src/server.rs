@@ -41,6 +41,10 @@ use crate::table::Table;
 use crate::tls::SniResolver;
 use crate::upgrade::Inherited;
 
+/// How long a connection that has not sent a request yet may take to send
+/// it once a drain has begun.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 /// Per-connection activity, read by the idle watchdog. Atomics only: the
 /// request path never locks.
 #[derive(Debug)]
@@ -49,6 +53,7 @@ pub struct ConnActivity {
     in_flight: AtomicU32,
     /// Milliseconds since `epoch` of the last request start or end.
     last_ms: AtomicU64,
+    seen: std::sync::atomic::AtomicBool,
 }
 
 impl Default for ConnActivity {
@@ -57,6 +62,7 @@ impl Default for ConnActivity {
             epoch: Instant::now(),
             in_flight: AtomicU32::new(0),
             last_ms: AtomicU64::new(0),
+            seen: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -69,7 +75,13 @@ impl ConnActivity {
 
     pub fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.seen.store(true, Ordering::Relaxed);
         self.touch();
+    }
+
+    /// Whether any request has started on this connection.
+    fn seen(&self) -> bool {
+        self.seen.load(Ordering::Relaxed)
     }
 
     pub fn request_finished(&self) {
@@ -475,6 +487,7 @@ impl Connection {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let accepted = Instant::now();
         let activity = conn.activity.clone();
         let table = self.table.clone();
         let service = service_fn(move |req| {
@@ -488,6 +501,7 @@ impl Connection {
         tokio::pin!(http);
         let idle = self.ctx.config.idle_timeout;
         let mut closing = false;
+        let mut draining = false;
         let mut wait = idle;
         loop {
             tokio::select! {
@@ -497,12 +511,25 @@ impl Connection {
                     }
                     break;
                 }
-                _ = self.stops.graceful.cancelled(), if !closing => {
-                    closing = true;
-                    http.as_mut().graceful_shutdown();
+                _ = self.stops.graceful.cancelled(), if !draining && !closing => {
+                    // A connection accepted a moment ago may have its first
+                    // request on the wire: closing it now would reset the
+                    // client (unread data → RST). Give it a short grace to
+                    // arrive; it is then answered with `Connection: close`.
+                    draining = true;
+                    wait = if activity.seen() {
+                        Duration::ZERO
+                    } else {
+                        FIRST_REQUEST_GRACE.saturating_sub(accepted.elapsed())
+                    };
                 }
                 _ = self.stops.hard.cancelled() => break,
                 _ = tokio::time::sleep(wait), if !closing => {
+                    if draining {
+                        closing = true;
+                        http.as_mut().graceful_shutdown();
+                        continue;
+                    }
                     match activity.idle_remaining(idle) {
                         Some(rest) => wait = rest,
                         None => {
