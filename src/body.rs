@@ -157,6 +157,10 @@ impl Drop for ClientBody {
     }
 }
 
+/// The status recorded for a request whose client went away before the
+/// response head (nginx's 499): counted as 4xx, never as an upstream failure.
+pub const CLIENT_CLOSED: u16 = 499;
+
 /// Everything to account for when a request ends, however it ends.
 #[derive(Debug)]
 pub struct RequestGuard {
@@ -241,7 +245,7 @@ impl RequestGuard {
             upstream,
             pooled: None,
             start,
-            status: 502,
+            status: CLIENT_CLOSED,
             complete: false,
             failed: false,
         });
@@ -327,11 +331,15 @@ impl Drop for RequestGuard {
             let now = Instant::now();
             let elapsed = now.saturating_duration_since(u.start);
             u.metrics.duration.observe(elapsed.as_secs_f64());
-            // 5xx (ours or the upstream's) and broken bodies are failures;
-            // 4xx are the client's business and never count.
-            let failed = u.status >= 500 || u.failed;
-            u.upstream.record_outcome(failed);
-            u.metrics.window.record(now, failed, elapsed);
+            // A client that left before the answer says nothing about the
+            // upstream: no health or analysis verdict either way.
+            if u.status != CLIENT_CLOSED {
+                // 5xx (ours or the upstream's) and broken bodies are
+                // failures; 4xx are the client's business and never count.
+                let failed = u.status >= 500 || u.failed;
+                u.upstream.record_outcome(failed);
+                u.metrics.window.record(now, failed, elapsed);
+            }
             if u.complete {
                 if let Some(p) = u.pooled {
                     u.upstream.check_in(p);

@@ -118,7 +118,7 @@ pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<Incoming>) -> Re
             reason: None,
             endpoint: None,
             generation: 0,
-            status: 0,
+            status: crate::body::CLIENT_CLOSED,
             error: None,
             body: None,
             bytes_out: 0,

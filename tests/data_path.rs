@@ -731,3 +731,41 @@ async fn malicious_backend_responses_become_502_and_are_not_pooled() {
     assert_eq!(g.hits(), 0, "a bad response is not retried elsewhere");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_give_up_are_not_upstream_failures() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let cfg = config(&service_config(0.0, ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    for _ in 0..10 {
+        let client = h1_client();
+        let req = http::Request::get(format!("http://{proxy}/delay/1000"))
+            .body(empty())
+            .unwrap();
+        // The client gives up long before the backend answers.
+        let _ = tokio::time::timeout(Duration::from_millis(100), client.request(req)).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || metric(
+            &server,
+            "cyan_requests_total",
+            &["code_class=\"4xx\""]
+        ) == 10.0)
+        .await,
+        "aborted requests are counted as 499 (client closed request)"
+    );
+    assert_eq!(
+        metric(&server, "cyan_requests_total", &["code_class=\"5xx\""]),
+        0.0
+    );
+    let t = server.table.load();
+    let pool = t.service("gateway").unwrap().pool(Color::Blue);
+    assert_eq!(
+        pool.endpoints[0].upstream.consecutive_failures(),
+        0,
+        "no passive-health failure"
+    );
+    let window = pool.metrics.window.summary(std::time::Instant::now(), None);
+    assert_eq!(window.failures, 0, "no failure for the rollback analysis");
+    server.shutdown().await;
+}
