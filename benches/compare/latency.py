@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Summarise an h2load --log-file (start_us<TAB>status<TAB>duration_us per
+request): requests, non-2xx, achieved rate, p50/p99/p999/max latency in µs.
+
+usage: latency.py LOGFILE [SKIP_SECONDS=0]
+prints: count=N bad=N rate=R p50=US p99=US p999=US max=US
+"""
+import sys
+
+
+def pct(sorted_vals, p):
+    if not sorted_vals:
+        return float("nan")
+    k = min(len(sorted_vals) - 1, max(0, int(round(p / 100.0 * len(sorted_vals) + 0.5)) - 1))
+    return sorted_vals[k]
+
+
+rows = []
+with open(sys.argv[1]) as f:
+    for line in f:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        rows.append((int(parts[0]), int(parts[1]), int(parts[2])))
+skip = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+if rows:
+    t0 = min(r[0] for r in rows)
+    rows = [r for r in rows if r[0] - t0 >= skip * 1e6]
+bad = sum(1 for r in rows if not 200 <= r[1] < 300)
+lat = sorted(r[2] for r in rows)
+span = (max(r[0] for r in rows) - min(r[0] for r in rows)) / 1e6 if len(rows) > 1 else 0
+rate = len(rows) / span if span else 0
+print(
+    f"count={len(rows)} bad={bad} rate={rate:.0f} p50={pct(lat, 50)} "
+    f"p99={pct(lat, 99)} p999={pct(lat, 99.9)} max={lat[-1] if lat else 'nan'}"
+)
