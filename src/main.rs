@@ -147,7 +147,10 @@ enum RolloutVerb {
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     // CYAN_LOG takes tracing's filter syntax, e.g. "info,cyan::proxy=debug".
-    let filter = EnvFilter::try_from_env("CYAN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // rustls warns on every handshake whose SNI is an IP address (common
+    // from health checkers and load tools): errors only, unless asked.
+    let filter =
+        EnvFilter::try_from_env("CYAN_LOG").unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

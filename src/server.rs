@@ -158,6 +158,8 @@ pub struct Server {
     pub tls_resolvers: Vec<(String, Arc<SniResolver>)>,
     /// Duplicates of the listening sockets, to hand to a successor.
     pub listener_fds: Vec<(String, std::os::fd::OwnedFd)>,
+    /// The access log's writer thread, joined after the drain.
+    access_writer: Option<std::thread::JoinHandle<()>>,
     shutdown: CancellationToken,
     /// Cancelled at the drain deadline: whatever still runs is dropped (its
     /// connections reset) rather than left behind.
@@ -200,12 +202,14 @@ impl Server {
         let mut tls_resolvers = Vec::new();
         let mut bound = Vec::new();
         let mut listener_fds = Vec::new();
-        let access_log = match &config.access_log {
-            Some(target) => Some(
-                crate::access_log::AccessLog::start(target, metrics.access_log_dropped.clone())
-                    .map_err(|e| StartError::Table(format!("access log {target:?}: {e}")))?,
-            ),
-            None => None,
+        let (access_log, access_writer) = match &config.access_log {
+            Some(target) => {
+                let (log, writer) =
+                    crate::access_log::AccessLog::start(target, metrics.access_log_dropped.clone())
+                        .map_err(|e| StartError::Table(format!("access log {target:?}: {e}")))?;
+                (Some(log), Some(writer))
+            }
+            None => (None, None),
         };
         for (index, lc) in config.listeners.iter().enumerate() {
             let acceptor = match &lc.tls {
@@ -281,6 +285,7 @@ impl Server {
             addrs,
             tls_resolvers,
             listener_fds,
+            access_writer,
             shutdown,
             hard_stop,
             tracker,
@@ -314,6 +319,12 @@ impl Server {
             // Dropping a connection future is immediate; this only waits for
             // the tasks to notice.
             let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
+        }
+        // Every connection is gone, so is every access-log sender: the
+        // writer writes the tail and ends.
+        if let Some(writer) = self.access_writer {
+            let join = tokio::task::spawn_blocking(move || writer.join());
+            let _ = tokio::time::timeout(Duration::from_secs(2), join).await;
         }
         DrainReport {
             abandoned,
