@@ -605,12 +605,10 @@ async fn access_log_has_one_json_line_per_request() {
         .unwrap();
     client.request(req).await.unwrap();
     raw_exchange(proxy, b"GET / HTTP/1.1\r\n\r\n", Duration::from_secs(2)).await;
+    // Shutting down joins the writer: every line is on disk when it returns.
+    server.shutdown().await;
     let read = || std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        eventually(Duration::from_secs(3), || read().lines().count() == 4).await,
-        "{}",
-        read()
-    );
+    assert_eq!(read().lines().count(), 4, "{}", read());
     let lines: Vec<serde_json::Value> = read()
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON"))
@@ -642,7 +640,6 @@ async fn access_log_has_one_json_line_per_request() {
         (lines[3]["status"].as_u64(), lines[3]["error"].as_str()),
         (Some(400), Some("rejected"))
     );
-    server.shutdown().await;
     let _ = std::fs::remove_file(&path);
 }
 
