@@ -20,35 +20,7 @@ use support::*;
 
 /// A service config with an admin socket and a state dir in `dir`.
 fn cp_config(dir: &Path, percent: f64, admin_extra: &str, b: &Backend, g: &Backend) -> String {
-    format!(
-        r#"
-[runtime]
-drain_timeout = "5s"
-
-[metrics]
-listen = "127.0.0.1:0"
-[admin]
-socket = "{sock}"
-{admin_extra}
-
-[state]
-dir = "{state}"
-
-[[listener]]
-name = "public"
-listen = "127.0.0.1:0"
-
-[[service]]
-name = "gateway"
-candidate_percent = {percent}
-blue  = {{ endpoints = ["{b}"] }}
-green = {{ endpoints = ["{g}"] }}
-"#,
-        sock = dir.join("admin.sock").display(),
-        state = dir.join("state").display(),
-        b = b.addr,
-        g = g.addr,
-    )
+    app_config(dir, percent, &[b], &[g], admin_extra, "", "")
 }
 
 async fn admin(dir: &Path, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {

@@ -17,35 +17,7 @@ use support::*;
 
 /// A config with the metrics listener, admin socket and state in `dir`.
 fn obs_config(dir: &Path, percent: f64, b: &Backend, g: &Backend) -> String {
-    format!(
-        r#"
-[runtime]
-drain_timeout = "5s"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[admin]
-socket = "{sock}"
-
-[state]
-dir = "{state}"
-
-[[listener]]
-name = "public"
-listen = "127.0.0.1:0"
-
-[[service]]
-name = "gateway"
-candidate_percent = {percent}
-blue  = {{ endpoints = ["{b}"] }}
-green = {{ endpoints = ["{g}"] }}
-"#,
-        sock = dir.join("admin.sock").display(),
-        state = dir.join("state").display(),
-        b = b.addr,
-        g = g.addr,
-    )
+    app_config(dir, percent, &[b], &[g], "", "", "")
 }
 
 async fn start(text: &str) -> (App, SocketAddr, SocketAddr) {

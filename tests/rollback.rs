@@ -17,15 +17,8 @@ use cyan::config::Color;
 use cyan::ctl::{call, Target};
 use support::*;
 
-fn list(b: &[&Backend]) -> String {
-    b.iter()
-        .map(|b| format!("\"{}\"", b.addr))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A config with admin + state in `dir`; `service_extra` goes into the
-/// service (inline keys, then tables).
+/// A config with admin + state in `dir`; `inline` keys go into the service
+/// before its pools, `tables` after them.
 fn cfg(
     dir: &Path,
     percent: f64,
@@ -34,33 +27,7 @@ fn cfg(
     inline: &str,
     tables: &str,
 ) -> String {
-    format!(
-        r#"
-[runtime]
-drain_timeout = "2s"
-[metrics]
-listen = "127.0.0.1:0"
-[admin]
-socket = "{sock}"
-[state]
-dir = "{state}"
-[[listener]]
-name = "public"
-listen = "127.0.0.1:0"
-
-[[service]]
-name = "gateway"
-candidate_percent = {percent}
-{inline}
-blue  = {{ endpoints = [{blue}] }}
-green = {{ endpoints = [{green}] }}
-{tables}
-"#,
-        sock = dir.join("admin.sock").display(),
-        state = dir.join("state").display(),
-        blue = list(blue),
-        green = list(green),
-    )
+    app_config(dir, percent, blue, green, "", inline, tables)
 }
 
 /// Background load: `workers` loops of GET / until stopped. Returns

@@ -1067,3 +1067,56 @@ pub async fn start_app(text: &str) -> (cyan::app::App, SocketAddr) {
     let addr = app.server.local_addr("public").expect("public listener");
     (app, addr)
 }
+
+/// A whole-instance config: admin socket `dir/admin.sock`, state in
+/// `dir/state`, metrics on an ephemeral port, one listener `public` and one
+/// service `gateway`. `admin_extra` goes into `[admin]`; `service_inline`
+/// into the service before its pools, `service_tables` after them.
+pub fn app_config(
+    dir: &std::path::Path,
+    percent: f64,
+    blue: &[&Backend],
+    green: &[&Backend],
+    admin_extra: &str,
+    service_inline: &str,
+    service_tables: &str,
+) -> String {
+    let list = |b: &[&Backend]| {
+        b.iter()
+            .map(|b| format!("\"{}\"", b.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        r#"
+[runtime]
+drain_timeout = "5s"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[admin]
+socket = "{sock}"
+{admin_extra}
+
+[state]
+dir = "{state}"
+
+[[listener]]
+name = "public"
+listen = "127.0.0.1:0"
+
+[[service]]
+name = "gateway"
+candidate_percent = {percent}
+{service_inline}
+blue  = {{ endpoints = [{blue}] }}
+green = {{ endpoints = [{green}] }}
+{service_tables}
+"#,
+        sock = dir.join("admin.sock").display(),
+        state = dir.join("state").display(),
+        blue = list(blue),
+        green = list(green),
+    )
+}
