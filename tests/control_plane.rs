@@ -544,26 +544,7 @@ async fn reloads_under_load_keep_the_split_and_reject_bad_configs() {
     )
     .await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, failed) = (stop.clone(), failed.clone());
-        load.push(tokio::spawn(async move {
-            let client = h1_client();
-            while !stop.load(Ordering::SeqCst) {
-                let req = http::Request::get(format!("http://{proxy}/"))
-                    .body(empty())
-                    .unwrap();
-                match client.request(req).await {
-                    Ok(r) if r.status() == 200 => {}
-                    _ => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            }
-        }));
-    }
+    let load = Load::start(proxy, 4, "/");
     // Valid reloads: green grows a second endpoint; the operator's 100 % stays.
     let grown = text.replace(
         &format!("green = {{ endpoints = [\"{}\"] }}", g.addr),
@@ -626,12 +607,9 @@ async fn reloads_under_load_keep_the_split_and_reject_bad_configs() {
         .count();
     assert_eq!(rejected, 3);
 
-    stop.store(true, Ordering::SeqCst);
-    for l in load {
-        l.await.unwrap();
-    }
+    let (_, not_served, c5, broken) = load.stop().await;
     assert_eq!(
-        failed.load(Ordering::SeqCst),
+        not_served + c5 + broken,
         0,
         "no request failed across reloads"
     );

@@ -7,8 +7,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use cyan::app::App;
@@ -51,16 +50,6 @@ fn assert_metadata(text: &str, families: &[(&str, &str)]) {
             "TYPE {kind} for {family}"
         );
     }
-}
-
-fn candidate_bp(app: &App) -> u16 {
-    app.server
-        .table
-        .load()
-        .service("gateway")
-        .unwrap()
-        .split
-        .candidate_bp
 }
 
 /// The scrape agrees with the backends and the table, the families are well
@@ -230,36 +219,14 @@ async fn metrics_listener_agrees_with_the_backends() {
 
     // Green fails under load until the automatic rollback moves its share
     // to 0.
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, done) = (stop.clone(), done.clone());
-        load.push(tokio::spawn(async move {
-            let client = h1_client();
-            while !stop.load(Ordering::SeqCst) {
-                let req = http::Request::get(format!("http://{proxy}/"))
-                    .body(empty())
-                    .unwrap();
-                if let Ok(Ok(r)) =
-                    tokio::time::timeout(Duration::from_secs(5), client.request(req)).await
-                {
-                    let _ = http_body_util::BodyExt::collect(r.into_body()).await;
-                    done.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }));
-    }
+    let load = Load::start(proxy, 4, "/");
     g.force_status.store(503, Ordering::SeqCst);
     let rolled_back = eventually(Duration::from_secs(8), || candidate_bp(&app) == 0).await;
-    stop.store(true, Ordering::SeqCst);
-    for l in load {
-        l.await.unwrap();
-    }
+    let (ok, c4, c5, broken) = load.stop().await;
     assert!(
         rolled_back,
         "automatic rollback after {} requests",
-        done.load(Ordering::SeqCst)
+        ok + c4 + c5 + broken
     );
     // The counter moves once the change is persisted, a moment after the swap.
     let rollbacks = |s: &[Sample]| {

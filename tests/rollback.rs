@@ -5,8 +5,7 @@
 mod support;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::Method;
@@ -28,87 +27,6 @@ fn cfg(
     tables: &str,
 ) -> String {
     app_config(dir, percent, blue, green, "", inline, tables)
-}
-
-/// Background load: `workers` loops of GET / until stopped. Returns
-/// (stop flag, counts of 2xx, 4xx, 5xx and transport errors).
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    c4: Arc<AtomicUsize>,
-    c5: Arc<AtomicUsize>,
-    broken: Arc<AtomicUsize>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(proxy: std::net::SocketAddr, workers: usize, path: &'static str) -> Load {
-        let l = Load {
-            stop: Arc::new(AtomicBool::new(false)),
-            ok: Arc::new(AtomicUsize::new(0)),
-            c4: Arc::new(AtomicUsize::new(0)),
-            c5: Arc::new(AtomicUsize::new(0)),
-            broken: Arc::new(AtomicUsize::new(0)),
-            tasks: Vec::new(),
-        };
-        let mut l = l;
-        for _ in 0..workers {
-            let (stop, ok, c4, c5, broken) = (
-                l.stop.clone(),
-                l.ok.clone(),
-                l.c4.clone(),
-                l.c5.clone(),
-                l.broken.clone(),
-            );
-            l.tasks.push(tokio::spawn(async move {
-                let client = h1_client();
-                while !stop.load(Ordering::SeqCst) {
-                    let req = http::Request::get(format!("http://{proxy}{path}"))
-                        .body(empty())
-                        .unwrap();
-                    match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
-                        Ok(Ok(r)) => {
-                            let s = r.status().as_u16();
-                            let body = http_body_util::BodyExt::collect(r.into_body()).await;
-                            match (s, body.is_ok()) {
-                                (_, false) => broken.fetch_add(1, Ordering::SeqCst),
-                                (200..=399, _) => ok.fetch_add(1, Ordering::SeqCst),
-                                (400..=499, _) => c4.fetch_add(1, Ordering::SeqCst),
-                                _ => c5.fetch_add(1, Ordering::SeqCst),
-                            };
-                        }
-                        _ => {
-                            broken.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                }
-            }));
-        }
-        l
-    }
-
-    async fn stop(self) -> (usize, usize, usize, usize) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        (
-            self.ok.load(Ordering::SeqCst),
-            self.c4.load(Ordering::SeqCst),
-            self.c5.load(Ordering::SeqCst),
-            self.broken.load(Ordering::SeqCst),
-        )
-    }
-}
-
-fn candidate_bp(app: &App) -> u16 {
-    app.server
-        .table
-        .load()
-        .service("gateway")
-        .unwrap()
-        .split
-        .candidate_bp
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

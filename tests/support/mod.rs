@@ -8,7 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -1119,4 +1119,86 @@ green = {{ endpoints = [{green}] }}
         blue = list(blue),
         green = list(green),
     )
+}
+
+/// Background load: `workers` loops of GET `path` until stopped; `stop`
+/// returns the counts of 2xx, 3xx/4xx, 5xx and broken exchanges
+/// (transport errors, timeouts, truncated bodies).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    c4: Arc<AtomicUsize>,
+    c5: Arc<AtomicUsize>,
+    broken: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(proxy: std::net::SocketAddr, workers: usize, path: &'static str) -> Load {
+        let l = Load {
+            stop: Arc::new(AtomicBool::new(false)),
+            ok: Arc::new(AtomicUsize::new(0)),
+            c4: Arc::new(AtomicUsize::new(0)),
+            c5: Arc::new(AtomicUsize::new(0)),
+            broken: Arc::new(AtomicUsize::new(0)),
+            tasks: Vec::new(),
+        };
+        let mut l = l;
+        for _ in 0..workers {
+            let (stop, ok, c4, c5, broken) = (
+                l.stop.clone(),
+                l.ok.clone(),
+                l.c4.clone(),
+                l.c5.clone(),
+                l.broken.clone(),
+            );
+            l.tasks.push(tokio::spawn(async move {
+                let client = h1_client();
+                while !stop.load(Ordering::SeqCst) {
+                    let req = http::Request::get(format!("http://{proxy}{path}"))
+                        .body(empty())
+                        .unwrap();
+                    match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+                        Ok(Ok(r)) => {
+                            let s = r.status().as_u16();
+                            let body = http_body_util::BodyExt::collect(r.into_body()).await;
+                            match (s, body.is_ok()) {
+                                (_, false) => broken.fetch_add(1, Ordering::SeqCst),
+                                (200..=299, _) => ok.fetch_add(1, Ordering::SeqCst),
+                                (300..=499, _) => c4.fetch_add(1, Ordering::SeqCst),
+                                _ => c5.fetch_add(1, Ordering::SeqCst),
+                            };
+                        }
+                        _ => {
+                            broken.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }));
+        }
+        l
+    }
+
+    pub async fn stop(self) -> (usize, usize, usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.c4.load(Ordering::SeqCst),
+            self.c5.load(Ordering::SeqCst),
+            self.broken.load(Ordering::SeqCst),
+        )
+    }
+}
+
+pub fn candidate_bp(app: &cyan::app::App) -> u16 {
+    app.server
+        .table
+        .load()
+        .service("gateway")
+        .unwrap()
+        .split
+        .candidate_bp
 }
