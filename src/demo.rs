@@ -169,3 +169,216 @@ pub fn banner(proxy: SocketAddr, socket: &std::path::Path, metrics: Option<Socke
          Ctrl-C stops it.\n"
     )
 }
+
+/// Reports what the fault-test backend sees: `recv <id>` as soon as a
+/// request's head arrives (before its body is read or anything is
+/// answered), `done <id>` when its answer is ready. Only requests carrying
+/// `x-test-id` are reported.
+#[doc(hidden)]
+pub type SeenHook = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
+/// The deterministic bytes of the fault-test backend's `/blob/<n>`.
+#[doc(hidden)]
+pub fn blob(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+/// A backend for fault-injection tests (`cyan test-backend`, hidden; also
+/// started in process by the tests). Every answer is checkable by the
+/// client:
+///
+/// | request | answer |
+/// | --- | --- |
+/// | `POST /upload` | reads the body; 422 unless its XXH3 matches `x-body-digest`; body `"<digest> <len>"` |
+/// | `GET /blob/<n>?pause=<ms>` | [`blob`]`(n)` with `x-body-digest`; sends half, pauses, sends the rest |
+/// | `/status/<code>` | that status |
+/// | anything else | `"<color> <addr>\n"` |
+///
+/// `x-delay-ms: N` holds the answer's head back N ms.
+#[doc(hidden)]
+pub async fn start_test_backend(
+    color: std::sync::Arc<str>,
+    addr: SocketAddr,
+    stop: CancellationToken,
+    seen: Option<SeenHook>,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(pair) => pair,
+                    Err(_) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let (color, seen, stop) = (color.clone(), seen.clone(), stop.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let (color, seen) = (color.clone(), seen.clone());
+                    async move { Ok::<_, Infallible>(test_response(&color, local, req, seen).await) }
+                });
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+    });
+    Ok(local)
+}
+
+async fn test_response(
+    color: &str,
+    local: SocketAddr,
+    mut req: Request<Incoming>,
+    seen: Option<SeenHook>,
+) -> Response<TestBody> {
+    use http_body_util::BodyExt;
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let id = header("x-test-id");
+    let report = |what: &str| {
+        if let (Some(id), Some(seen)) = (&id, &seen) {
+            seen(&format!("{what} {id}"));
+        }
+    };
+    report("recv");
+    let delay: u64 = header("x-delay-ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let expected = header("x-body-digest");
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let mut status = StatusCode::OK;
+    let mut digest = None;
+    let body = if req.method() == http::Method::POST && path == "/upload" {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut len = 0u64;
+        let mut broken = false;
+        while let Some(frame) = req.body_mut().frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Some(d) = f.data_ref() {
+                        h.update(d);
+                        len += d.len() as u64;
+                    }
+                }
+                Err(_) => {
+                    broken = true;
+                    break;
+                }
+            }
+        }
+        let got = format!("{:016x}", h.digest());
+        if broken {
+            status = StatusCode::BAD_REQUEST;
+        } else if expected.is_some_and(|e| e != got) {
+            status = StatusCode::UNPROCESSABLE_ENTITY;
+        }
+        TestBody::full(format!("{got} {len}"))
+    } else if let Some(n) = path.strip_prefix("/blob/") {
+        let n: usize = n.parse().unwrap_or(0);
+        let pause: u64 = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("pause="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let data = Bytes::from(blob(n));
+        digest = Some(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data)));
+        let rest = data.slice(n / 2..);
+        TestBody::Paused {
+            first: Some(data.slice(..n / 2)),
+            pause: Box::pin(tokio::time::sleep(std::time::Duration::from_millis(pause))),
+            rest: Some(rest),
+        }
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        status = code
+            .parse()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        TestBody::full(format!("{color} status\n"))
+    } else {
+        TestBody::full(format!("{color} {local}\n"))
+    };
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
+    report("done");
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    if let Some(d) = digest.and_then(|d| http::HeaderValue::from_str(&d).ok()) {
+        resp.headers_mut().insert("x-body-digest", d);
+    }
+    resp
+}
+
+/// The fault-test backend's bodies: whole, or in two halves with a pause
+/// between them (a death in the pause leaves a response cut mid-body).
+enum TestBody {
+    Full(Option<Bytes>),
+    Paused {
+        first: Option<Bytes>,
+        pause: std::pin::Pin<Box<tokio::time::Sleep>>,
+        rest: Option<Bytes>,
+    },
+}
+
+impl TestBody {
+    fn full(s: String) -> TestBody {
+        TestBody::Full(Some(Bytes::from(s)))
+    }
+}
+
+impl http_body::Body for TestBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let frame = |b: Bytes| Poll::Ready(Some(Ok(http_body::Frame::data(b))));
+        match self.get_mut() {
+            TestBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(http_body::Frame::data(b)))),
+            TestBody::Paused { first, pause, rest } => {
+                if let Some(b) = first.take() {
+                    return frame(b);
+                }
+                if rest.is_none() {
+                    return Poll::Ready(None);
+                }
+                match pause.as_mut().poll(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(()) => rest.take().map_or(Poll::Ready(None), frame),
+                }
+            }
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let n = match self {
+            TestBody::Full(b) => b.as_ref().map_or(0, |b| b.len()),
+            TestBody::Paused { first, rest, .. } => {
+                first.as_ref().map_or(0, |b| b.len()) + rest.as_ref().map_or(0, |b| b.len())
+            }
+        };
+        http_body::SizeHint::with_exact(n as u64)
+    }
+}

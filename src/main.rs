@@ -63,6 +63,16 @@ enum Command {
     /// Operate a running cyan over its admin API. Exit codes: 0 ok,
     /// 1 error, 2 usage, 3 conflict (stale --if-generation, nothing changed).
     Ctl(CtlArgs),
+    /// A backend for fault-injection tests (see `cyan::demo::start_test_backend`):
+    /// prints `listening <addr>`, then `recv <id>` / `done <id>` per request
+    /// carrying `x-test-id`; exits when its stdin closes.
+    #[command(hide = true)]
+    TestBackend {
+        #[arg(long, default_value = "green")]
+        color: String,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -210,6 +220,16 @@ fn main() -> ExitCode {
                 }
             };
             rt.block_on(demo(listen))
+        }
+        Command::TestBackend { color, listen } => {
+            let rt = match runtime(None) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            rt.block_on(test_backend(color, listen))
         }
     }
 }
@@ -423,5 +443,39 @@ async fn demo(listen: SocketAddr) -> ExitCode {
         elapsed_ms = report.elapsed.as_millis() as u64,
         "demo stopped"
     );
+    ExitCode::SUCCESS
+}
+
+async fn test_backend(color: String, listen: SocketAddr) -> ExitCode {
+    use std::io::{Read, Write};
+    // One write per line straight to the pipe (stdout is line-buffered): a
+    // line reported is readable by the parent even after a SIGKILL.
+    let seen: cyan::demo::SeenHook = std::sync::Arc::new(|line: &str| {
+        let _ = writeln!(std::io::stdout().lock(), "{line}");
+    });
+    let stop = CancellationToken::new();
+    let addr = match cyan::demo::start_test_backend(color.into(), listen, stop.clone(), Some(seen))
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("cyan test-backend: cannot listen on {listen}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!("listening {addr}");
+    // The parent holds our stdin: when it goes away, so do we.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = tx.send(());
+    });
+    tokio::select! {
+        _ = rx => {}
+        _ = wait_for_signals(None) => {}
+    }
+    stop.cancel();
     ExitCode::SUCCESS
 }
