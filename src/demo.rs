@@ -196,135 +196,154 @@ pub fn blob(n: usize) -> Vec<u8> {
 /// | `/status/<code>` | that status |
 /// | anything else | `"<color> <addr>\n"` |
 ///
-/// `x-delay-ms: N` holds the answer's head back N ms.
+/// Each answer's head is held back `delay`, plus `x-delay-ms: N` ms when
+/// the request asks.
 #[doc(hidden)]
-pub async fn start_test_backend(
-    color: std::sync::Arc<str>,
-    addr: SocketAddr,
-    stop: CancellationToken,
-    seen: Option<SeenHook>,
-) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(pair) => pair,
-                    Err(_) => {
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
-                _ = stop.cancelled() => break,
-            };
-            let _ = stream.set_nodelay(true);
-            let (color, seen, stop) = (color.clone(), seen.clone(), stop.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let (color, seen) = (color.clone(), seen.clone());
-                    async move { Ok::<_, Infallible>(test_response(&color, local, req, seen).await) }
-                });
-                let builder = auto::Builder::new(TokioExecutor::new());
-                let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                tokio::select! {
-                    _ = conn => {}
-                    _ = stop.cancelled() => {}
-                }
-            });
-        }
-    });
-    Ok(local)
+#[derive(Clone)]
+pub struct TestBackend {
+    pub color: std::sync::Arc<str>,
+    pub delay: std::time::Duration,
+    pub seen: Option<SeenHook>,
 }
 
-async fn test_response(
-    color: &str,
-    local: SocketAddr,
-    mut req: Request<Incoming>,
-    seen: Option<SeenHook>,
-) -> Response<TestBody> {
-    use http_body_util::BodyExt;
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let id = header("x-test-id");
-    let report = |what: &str| {
-        if let (Some(id), Some(seen)) = (&id, &seen) {
-            seen(&format!("{what} {id}"));
-        }
-    };
-    report("recv");
-    let delay: u64 = header("x-delay-ms")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let expected = header("x-body-digest");
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().unwrap_or("").to_string();
-    let mut status = StatusCode::OK;
-    let mut digest = None;
-    let body = if req.method() == http::Method::POST && path == "/upload" {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        let mut len = 0u64;
-        let mut broken = false;
-        while let Some(frame) = req.body_mut().frame().await {
-            match frame {
-                Ok(f) => {
-                    if let Some(d) = f.data_ref() {
-                        h.update(d);
-                        len += d.len() as u64;
+impl std::fmt::Debug for TestBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestBackend")
+            .field("color", &self.color)
+            .field("delay", &self.delay)
+            .finish()
+    }
+}
+
+impl TestBackend {
+    /// Listens on `addr` (port 0 for any) until `stop`; returns the bound
+    /// address.
+    pub async fn start(
+        self,
+        addr: SocketAddr,
+        stop: CancellationToken,
+    ) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(pair) => pair,
+                        Err(_) => {
+                            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    },
+                    _ = stop.cancelled() => break,
+                };
+                let _ = stream.set_nodelay(true);
+                let (me, stop) = (self.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let me = me.clone();
+                        async move { Ok::<_, Infallible>(me.answer(local, req).await) }
+                    });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop.cancelled() => {}
                     }
-                }
-                Err(_) => {
-                    broken = true;
-                    break;
-                }
+                });
             }
-        }
-        let got = format!("{:016x}", h.digest());
-        if broken {
-            status = StatusCode::BAD_REQUEST;
-        } else if expected.is_some_and(|e| e != got) {
-            status = StatusCode::UNPROCESSABLE_ENTITY;
-        }
-        TestBody::full(format!("{got} {len}"))
-    } else if let Some(n) = path.strip_prefix("/blob/") {
-        let n: usize = n.parse().unwrap_or(0);
-        let pause: u64 = query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("pause="))
+        });
+        Ok(local)
+    }
+}
+
+impl TestBackend {
+    async fn answer(&self, local: SocketAddr, mut req: Request<Incoming>) -> Response<TestBody> {
+        use http_body_util::BodyExt;
+        let (color, seen) = (&self.color, &self.seen);
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let id = header("x-test-id");
+        let report = |what: &str| {
+            if let (Some(id), Some(seen)) = (&id, &seen) {
+                seen(&format!("{what} {id}"));
+            }
+        };
+        report("recv");
+        let delay: u64 = header("x-delay-ms")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let data = Bytes::from(blob(n));
-        digest = Some(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data)));
-        let rest = data.slice(n / 2..);
-        TestBody::Paused {
-            first: Some(data.slice(..n / 2)),
-            pause: Box::pin(tokio::time::sleep(std::time::Duration::from_millis(pause))),
-            rest: Some(rest),
+        let expected = header("x-body-digest");
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let mut status = StatusCode::OK;
+        let mut digest = None;
+        let body = if req.method() == http::Method::POST && path == "/upload" {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            let mut len = 0u64;
+            let mut broken = false;
+            while let Some(frame) = req.body_mut().frame().await {
+                match frame {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            h.update(d);
+                            len += d.len() as u64;
+                        }
+                    }
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            let got = format!("{:016x}", h.digest());
+            if broken {
+                status = StatusCode::BAD_REQUEST;
+            } else if expected.is_some_and(|e| e != got) {
+                status = StatusCode::UNPROCESSABLE_ENTITY;
+            }
+            TestBody::full(format!("{got} {len}"))
+        } else if let Some(n) = path.strip_prefix("/blob/") {
+            let n: usize = n.parse().unwrap_or(0);
+            let pause: u64 = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("pause="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let data = Bytes::from(blob(n));
+            digest = Some(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&data)));
+            let rest = data.slice(n / 2..);
+            TestBody::Paused {
+                first: Some(data.slice(..n / 2)),
+                pause: Box::pin(tokio::time::sleep(std::time::Duration::from_millis(pause))),
+                rest: Some(rest),
+            }
+        } else if let Some(code) = path.strip_prefix("/status/") {
+            status = code
+                .parse()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            TestBody::full(format!("{color} status\n"))
+        } else {
+            TestBody::full(format!("{color} {local}\n"))
+        };
+        let delay = self.delay + std::time::Duration::from_millis(delay);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
-    } else if let Some(code) = path.strip_prefix("/status/") {
-        status = code
-            .parse()
-            .ok()
-            .and_then(|c| StatusCode::from_u16(c).ok())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        TestBody::full(format!("{color} status\n"))
-    } else {
-        TestBody::full(format!("{color} {local}\n"))
-    };
-    if delay > 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        report("done");
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        if let Some(d) = digest.and_then(|d| http::HeaderValue::from_str(&d).ok()) {
+            resp.headers_mut().insert("x-body-digest", d);
+        }
+        resp
     }
-    report("done");
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    if let Some(d) = digest.and_then(|d| http::HeaderValue::from_str(&d).ok()) {
-        resp.headers_mut().insert("x-body-digest", d);
-    }
-    resp
 }
 
 /// The fault-test backend's bodies: whole, or in two halves with a pause

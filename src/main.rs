@@ -72,6 +72,9 @@ enum Command {
         color: String,
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// Holds every answer's head back this many milliseconds.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
 }
 
@@ -221,7 +224,11 @@ fn main() -> ExitCode {
             };
             rt.block_on(demo(listen))
         }
-        Command::TestBackend { color, listen } => {
+        Command::TestBackend {
+            color,
+            listen,
+            delay_ms,
+        } => {
             let rt = match runtime(None) {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -229,7 +236,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            rt.block_on(test_backend(color, listen))
+            rt.block_on(test_backend(color, listen, delay_ms))
         }
     }
 }
@@ -446,7 +453,7 @@ async fn demo(listen: SocketAddr) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn test_backend(color: String, listen: SocketAddr) -> ExitCode {
+async fn test_backend(color: String, listen: SocketAddr, delay_ms: u64) -> ExitCode {
     use std::io::{Read, Write};
     // One write per line straight to the pipe (stdout is line-buffered): a
     // line reported is readable by the parent even after a SIGKILL.
@@ -454,9 +461,12 @@ async fn test_backend(color: String, listen: SocketAddr) -> ExitCode {
         let _ = writeln!(std::io::stdout().lock(), "{line}");
     });
     let stop = CancellationToken::new();
-    let addr = match cyan::demo::start_test_backend(color.into(), listen, stop.clone(), Some(seen))
-        .await
-    {
+    let backend = cyan::demo::TestBackend {
+        color: color.into(),
+        delay: std::time::Duration::from_millis(delay_ms),
+        seen: Some(seen),
+    };
+    let addr = match backend.start(listen, stop.clone()).await {
         Ok(a) => a,
         Err(e) => {
             eprintln!("cyan test-backend: cannot listen on {listen}: {e}");
