@@ -157,6 +157,7 @@ impl App {
                 upgraded.clone(),
                 handed_over.clone(),
                 ready.clone(),
+                server.shutdown_token(),
             );
         }
         // Config loaded, listeners bound, state restored: ready.
@@ -191,13 +192,17 @@ impl App {
 
 /// Serves hand-over requests on the upgrade socket: each successor gets the
 /// sockets; once one says READY this process stops being ready and
-/// `upgraded` fires (the caller drains and exits).
+/// `upgraded` fires (the caller drains and exits). A drain (`draining`)
+/// ends it too: its copies of the listening sockets must not keep them
+/// listening, or new connections would wait unanswered instead of being
+/// refused.
 fn spawn_hand_over(
     listener: tokio::net::UnixListener,
     sockets: Vec<(String, OwnedFd)>,
     upgraded: tokio_util::sync::CancellationToken,
     handed_over: Arc<std::sync::atomic::AtomicBool>,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    draining: tokio_util::sync::CancellationToken,
 ) {
     let sockets = Arc::new(sockets);
     tokio::spawn(async move {
@@ -212,6 +217,7 @@ fn spawn_hand_over(
                     }
                 },
                 _ = upgraded.cancelled() => return,
+                _ = draining.cancelled() => return,
             };
             let Ok(stream) = stream
                 .into_std()

@@ -308,8 +308,13 @@ impl Server {
 
     /// Stops accepting, asks every connection to finish, and waits for them
     /// up to the drain deadline.
-    pub async fn shutdown(self) -> DrainReport {
+    pub async fn shutdown(mut self) -> DrainReport {
         let start = Instant::now();
+        // The duplicates kept for a successor would hold the listening
+        // sockets open after the accept loops drop theirs: new connections
+        // would wait in a backlog nobody accepts from until the drain ends,
+        // instead of being refused now.
+        self.listener_fds.clear();
         self.shutdown.cancel();
         self.tracker.close();
         let done = tokio::time::timeout(self.drain_timeout, self.tracker.wait()).await;
