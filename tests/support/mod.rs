@@ -3,6 +3,8 @@
 //! `eventually` helper. No fixed ports, nothing outside the process.
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
