@@ -149,6 +149,7 @@ struct RawListener {
     header_timeout: Option<String>,
     idle_timeout: Option<String>,
     body_idle_timeout: Option<String>,
+    send_timeout: Option<String>,
     h2_max_concurrent_streams: Option<u32>,
 }
 
@@ -377,6 +378,9 @@ pub struct ListenerConfig {
     pub idle_timeout: Duration,
     /// A request body that delivers nothing for this long fails with 408.
     pub body_idle_timeout: Duration,
+    /// A write to the client that makes no progress for this long (the
+    /// client stopped reading) closes the connection.
+    pub send_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
 }
 
@@ -597,6 +601,7 @@ pub mod defaults {
     pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
     pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
     pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1142,6 +1147,11 @@ fn validate_listener(
             format!("{key}.body_idle_timeout"),
             l.body_idle_timeout.as_deref(),
             defaults::BODY_IDLE_TIMEOUT,
+        ),
+        send_timeout: p.duration(
+            format!("{key}.send_timeout"),
+            l.send_timeout.as_deref(),
+            defaults::SEND_TIMEOUT,
         ),
         h2_max_concurrent_streams,
     };

@@ -10,7 +10,9 @@
 //!   behind TLS, the h2c preface on plain TCP). hyper's header timer is on
 //!   (`header_timeout`), heads are capped at `max_header_bytes`.
 //! * An idle watchdog closes a connection with no request in flight for
-//!   `idle_timeout` (HTTP/1.1: closed; HTTP/2: GOAWAY).
+//!   `idle_timeout` (HTTP/1.1: closed; HTTP/2: GOAWAY), and drops one whose
+//!   writes to the client made no progress for `send_timeout` (a client that
+//!   stopped reading would otherwise hold its response forever).
 //! * Shutdown: the token stops every accept loop (new connections are
 //!   refused once the listening socket closes), every connection is asked to
 //!   finish gracefully (`Connection: close` on HTTP/1.1, GOAWAY on HTTP/2),
@@ -18,8 +20,10 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
@@ -54,6 +58,9 @@ pub struct ConnActivity {
     /// Milliseconds since `epoch` of the last request start or end.
     last_ms: AtomicU64,
     seen: std::sync::atomic::AtomicBool,
+    /// 1 + milliseconds since `epoch` when a write to the client first found
+    /// its socket full; 0 while writes make progress.
+    write_blocked: AtomicU64,
 }
 
 impl Default for ConnActivity {
@@ -63,6 +70,7 @@ impl Default for ConnActivity {
             in_flight: AtomicU32::new(0),
             last_ms: AtomicU64::new(0),
             seen: std::sync::atomic::AtomicBool::new(false),
+            write_blocked: AtomicU64::new(0),
         }
     }
 }
@@ -89,6 +97,34 @@ impl ConnActivity {
         self.touch();
     }
 
+    fn note_write<T>(&self, r: &Poll<T>) {
+        match r {
+            Poll::Pending => {
+                if self.write_blocked.load(Ordering::Relaxed) == 0 {
+                    let now = self.epoch.elapsed().as_millis() as u64;
+                    self.write_blocked.store(now + 1, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(_) => {
+                if self.write_blocked.load(Ordering::Relaxed) != 0 {
+                    self.write_blocked.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// How long until a stalled write to the client reaches `limit`; `None`
+    /// when it has (the client stopped reading).
+    fn send_remaining(&self, limit: Duration) -> Option<Duration> {
+        let since = self.write_blocked.load(Ordering::Relaxed);
+        if since == 0 {
+            return Some(limit);
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let stalled = Duration::from_millis(now.saturating_sub(since - 1));
+        limit.checked_sub(stalled).filter(|d| !d.is_zero())
+    }
+
     /// How long until the connection counts as idle; `None` when it is.
     fn idle_remaining(&self, idle: Duration) -> Option<Duration> {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
@@ -97,6 +133,57 @@ impl ConnActivity {
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         let quiet = self.epoch.elapsed().saturating_sub(last);
         idle.checked_sub(quiet).filter(|d| !d.is_zero())
+    }
+}
+
+/// The client socket, noting in [`ConnActivity`] when writes to it stall
+/// (for `send_timeout`).
+struct Watched<IO> {
+    io: IO,
+    activity: Arc<ConnActivity>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.activity.note_write(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.activity.note_write(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -472,12 +559,17 @@ impl Connection {
                 }
             }
         }
+        let activity = Arc::new(ConnActivity::default());
+        let stream = Watched {
+            io: stream,
+            activity: activity.clone(),
+        };
         let conn = Arc::new(ConnCtx {
             listener: self.ctx.clone(),
             peer: client,
             trusted_peer: lc.is_trusted(client.ip()),
             tls: tls.is_some(),
-            activity: Arc::new(ConnActivity::default()),
+            activity,
             stops: self.stops.clone(),
             slot,
         });
@@ -505,6 +597,7 @@ impl Connection {
     {
         let accepted = Instant::now();
         let activity = conn.activity.clone();
+        let conn_peer = conn.peer;
         let table = self.table.clone();
         let service = service_fn(move |req| {
             let conn = conn.clone();
@@ -516,9 +609,10 @@ impl Connection {
             .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(http);
         let idle = self.ctx.config.idle_timeout;
+        let send_timeout = self.ctx.config.send_timeout;
         let mut closing = false;
         let mut draining = false;
-        let mut wait = idle;
+        let mut wait = idle.min(send_timeout);
         loop {
             tokio::select! {
                 r = http.as_mut() => {
@@ -540,14 +634,25 @@ impl Connection {
                     };
                 }
                 _ = self.stops.hard.cancelled() => break,
-                _ = tokio::time::sleep(wait), if !closing => {
+                _ = tokio::time::sleep(wait) => {
+                    // A client that stopped reading holds its response (and
+                    // the upstream connection) forever: no graceful end is
+                    // possible, the connection is dropped.
+                    let Some(send_rest) = activity.send_remaining(send_timeout) else {
+                        tracing::debug!(peer = %conn_peer, "client stopped reading (send_timeout): closing");
+                        break;
+                    };
+                    wait = send_rest;
+                    if closing {
+                        continue;
+                    }
                     if draining {
                         closing = true;
                         http.as_mut().graceful_shutdown();
                         continue;
                     }
                     match activity.idle_remaining(idle) {
-                        Some(rest) => wait = rest,
+                        Some(rest) => wait = rest.min(send_rest),
                         None => {
                             closing = true;
                             http.as_mut().graceful_shutdown();

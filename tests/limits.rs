@@ -374,6 +374,58 @@ async fn idle_connections_close_at_idle_timeout() {
     server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_at_send_timeout() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let listener = "send_timeout = \"400ms\"\nidle_timeout = \"10s\"";
+    let cfg = config(&custom_config(0.0, listener, "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    // A small window and an Ethernet MSS, so the proxy's writes stall soon.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_tcp_mss(1460).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
+    let mut s = sock.connect(proxy).await.unwrap();
+    let len: u64 = 256 << 20;
+    s.write_all(format!("GET /big/{len} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let open = || metric(&server, "cyan_connections_open", &[]);
+    assert!(eventually(Duration::from_secs(1), || open() == 1.0).await);
+    // Never read: the response stalls, and the proxy drops the connection.
+    assert!(
+        eventually(Duration::from_secs(5), || open() == 0.0).await,
+        "a connection nobody reads from is still open after 5 s"
+    );
+    let elapsed = start.elapsed();
+    assert_near(
+        "send timeout",
+        elapsed,
+        Duration::from_millis(400),
+        Duration::from_millis(1500),
+    );
+    eprintln!("send_timeout 400ms: dropped {elapsed:?} after the request");
+    // What was already on its way ends early: the response is cut short.
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let eof = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n as u64,
+            }
+        }
+    })
+    .await;
+    assert!(
+        eof.is_ok() && total < len / 4,
+        "read {total} of {len} bytes"
+    );
+    server.shutdown().await;
+}
+
 /// A loopback listener whose accept queue is full: new connects hang (the
 /// kernel drops their SYNs). Keep the returned values alive.
 async fn blackhole() -> (socket2::Socket, Vec<TcpStream>, SocketAddr) {
