@@ -258,7 +258,11 @@ async fn forward(
     }
     parts.extensions = http::Extensions::new();
 
-    let (body, body_sent) = ReqBody::client(body, conn.listener.config.body_idle_timeout);
+    let (body, body_sent) = ReqBody::client(
+        body,
+        conn.listener.config.body_idle_timeout,
+        &conn.activity.probe,
+    );
     if let Some(a) = guard.access() {
         a.body = body_sent.clone();
     }
