@@ -55,6 +55,15 @@ use crate::upgrade::Inherited;
 /// it once a drain has begun.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
+/// How long an HTTP/1.1 connection stays with hyper after going idle before
+/// its buffers are released (see [`crate::keepalive`]). A client that sends
+/// its next request sooner (any keep-alive client under load) is served on
+/// the same hyper connection: rebuilding one per request cost ~5.7k
+/// instructions, +14 % per proxied request (callgrind). Longer lingers keep
+/// more buffers alive at once, and glibc keeps the pages: idle-connection
+/// memory measured 3.3 KiB with no linger, 4.0 at 10 ms, 6.1 at 50 ms.
+const RELEASE_LINGER: Duration = Duration::from_millis(10);
+
 /// Per-connection activity, read by the idle watchdog. Atomics only: the
 /// request path never locks.
 #[derive(Debug)]
@@ -490,6 +499,7 @@ impl Connection {
         let conn = Arc::new(ConnCtx {
             listener: self.ctx.clone(),
             peer: client,
+            peer_value: crate::headers::peer_value(client.ip()),
             trusted_peer: lc.is_trusted(client.ip()),
             tls: tls.is_some(),
             activity: Arc::new(ConnActivity::default()),
@@ -627,6 +637,8 @@ impl Connection {
         let mut closing = false;
         let mut draining = false;
         let mut wait = idle;
+        // hyper went idle and the release timer runs (see RELEASE_LINGER).
+        let mut lingering = false;
         if self.stops.graceful.is_cancelled() {
             // A first request that arrived within its grace: served with
             // `Connection: close` (HTTP/2: GOAWAY after it).
@@ -638,7 +650,9 @@ impl Connection {
             let step = std::future::poll_fn(|cx| match http.as_mut().poll(cx) {
                 Poll::Ready(r) => Poll::Ready(Some(r)),
                 Poll::Pending
-                    if !closing && probe.is_some_and(|p| p.releasable(activity.in_flight())) =>
+                    if !closing
+                        && !lingering
+                        && probe.is_some_and(|p| p.releasable(activity.in_flight())) =>
                 {
                     Poll::Ready(None)
                 }
@@ -651,7 +665,10 @@ impl Connection {
                         tracing::debug!(error = %e, "connection ended with an error");
                         return Outcome::Ended;
                     }
-                    None => return Outcome::Released,
+                    None => {
+                        lingering = true;
+                        wait = RELEASE_LINGER;
+                    }
                 },
                 _ = self.stops.graceful.cancelled(), if !draining && !closing => {
                     draining = true;
@@ -663,6 +680,12 @@ impl Connection {
                         closing = true;
                         http.as_mut().graceful();
                         continue;
+                    }
+                    if lingering {
+                        lingering = false;
+                        if probe.is_some_and(|p| p.releasable(activity.in_flight())) {
+                            return Outcome::Released;
+                        }
                     }
                     match activity.idle_remaining(idle) {
                         Some(rest) => wait = rest,
