@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 
+use crate::keepalive::IdleProbe;
 use crate::metrics::{ErrorKind, PoolMetrics};
 use crate::server::ConnActivity;
 use crate::upstream::{Pooled, Upstream};
@@ -63,12 +64,21 @@ pub struct ClientBody {
     idle: Duration,
     timer: Option<Pin<Box<Sleep>>>,
     sent: Option<BodySent>,
+    /// Told once the body has been read to its end (the connection may then
+    /// be released between requests, see [`crate::keepalive`]).
+    probe: Option<Arc<IdleProbe>>,
 }
 
 impl ReqBody {
     /// Wraps a client body. Returns the "body fully sent" signal when the
     /// body is not already known to be empty.
-    pub fn client(inner: Incoming, idle: Duration) -> (ReqBody, Option<BodySent>) {
+    /// `probe` was told of the body when the request arrived
+    /// ([`IdleProbe::body_opened`]) and is told when it ends.
+    pub fn client(
+        inner: Incoming,
+        idle: Duration,
+        probe: &Arc<IdleProbe>,
+    ) -> (ReqBody, Option<BodySent>) {
         if inner.is_end_stream() {
             return (ReqBody::Empty, None);
         }
@@ -78,6 +88,7 @@ impl ReqBody {
             idle,
             timer: None,
             sent: Some(sent.clone()),
+            probe: Some(probe.clone()),
         };
         (ReqBody::Client(body), Some(sent))
     }
@@ -87,6 +98,13 @@ impl ClientBody {
     fn finish(&mut self) {
         if let Some(sent) = self.sent.take() {
             sent.done.notify_one();
+        }
+    }
+
+    /// The body was read to its end (never called for a body cut short).
+    fn ended(&mut self) {
+        if let Some(p) = self.probe.take() {
+            p.body_ended();
         }
     }
 }
@@ -116,6 +134,7 @@ impl Body for ReqBody {
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(None) => {
                     b.finish();
+                    b.ended();
                     Poll::Ready(None)
                 }
                 Poll::Pending => {
@@ -154,6 +173,9 @@ impl Drop for ClientBody {
         // A body dropped early (upstream answered before reading it all)
         // still releases whoever waits to start the response timer.
         self.finish();
+        if self.inner.is_end_stream() {
+            self.ended();
+        }
     }
 }
 
@@ -206,9 +228,10 @@ struct UpstreamPart {
 }
 
 impl RequestGuard {
-    /// Starts accounting for a request on a client connection.
+    /// Accounts for a request on a client connection. The server counted
+    /// its start ([`ConnActivity::request_started`]) when hyper handed it
+    /// over; the drop counts its end.
     pub fn new(conn: Arc<ConnActivity>) -> RequestGuard {
-        conn.request_started();
         RequestGuard {
             conn,
             upstream: None,

@@ -159,6 +159,12 @@ fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` stays and
 /// `Connection: upgrade` is set.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Fast path: most requests carry none of them. One pass over the names
+    // (standard names compare as small integers) instead of a hashed
+    // lookup per hop-by-hop name.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop_name) {
+        return;
+    }
     // Headers named by Connection. Almost always one value: no allocation.
     let mut first: Option<HeaderValue> = None;
     let mut more: Vec<HeaderValue> = Vec::new();
@@ -204,6 +210,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The names removed on every hop, whatever `Connection` lists.
+fn is_hop_by_hop_name(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// The client's address as cyan believes it: the peer, or — when the peer is
 /// a trusted proxy — the rightmost X-Forwarded-For entry that is not itself a
 /// trusted proxy.
@@ -239,8 +255,30 @@ pub fn set_forwarding(
     tls: bool,
     host: &str,
 ) {
-    let peer = canonical_ip(peer);
-    let xff = if trusted_peer {
+    let host = HeaderValue::from_str(host).ok();
+    set_forwarding_with(headers, &peer_value(peer), trusted_peer, tls, host.as_ref());
+}
+
+/// The peer's address as a header value (IPv4-mapped IPv6 shown as IPv4),
+/// computed once per connection.
+pub fn peer_value(peer: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&canonical_ip(peer).to_string())
+        .expect("an IP address is a valid header value")
+}
+
+/// [`set_forwarding`] for the request path: the peer's value was made when
+/// the connection opened and `host` is the request's own Host value, so an
+/// untrusted peer (the common case) costs no allocation.
+pub fn set_forwarding_with(
+    headers: &mut HeaderMap,
+    peer: &HeaderValue,
+    trusted_peer: bool,
+    tls: bool,
+    host: Option<&HeaderValue>,
+) {
+    // Up to three inserts: grow the table once, not once per insert.
+    headers.reserve(3);
+    let prior = if trusted_peer {
         let mut prior = String::new();
         for v in headers.get_all(&X_FORWARDED_FOR) {
             if let Ok(s) = v.to_str() {
@@ -250,15 +288,16 @@ pub fn set_forwarding(
                 prior.push_str(s);
             }
         }
-        if prior.is_empty() {
-            peer.to_string()
-        } else {
-            format!("{prior}, {peer}")
-        }
+        prior
     } else {
-        peer.to_string()
+        String::new()
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    let xff = if prior.is_empty() {
+        Some(peer.clone())
+    } else {
+        HeaderValue::from_str(&format!("{prior}, {}", peer.to_str().unwrap_or(""))).ok()
+    };
+    if let Some(v) = xff {
         headers.insert(&X_FORWARDED_FOR, v);
     }
     if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -266,8 +305,8 @@ pub fn set_forwarding(
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if !(trusted_peer && headers.contains_key(&X_FORWARDED_HOST)) {
-        if let Ok(v) = HeaderValue::from_str(host) {
-            headers.insert(&X_FORWARDED_HOST, v);
+        if let Some(v) = host {
+            headers.insert(&X_FORWARDED_HOST, v.clone());
         }
     }
 }

@@ -72,6 +72,7 @@ pub mod demo;
 pub mod fuzz_targets;
 pub mod headers;
 pub mod health;
+pub mod keepalive;
 pub mod metrics;
 pub mod observe;
 pub mod preflight;

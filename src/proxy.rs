@@ -89,6 +89,8 @@ pub struct ConnCtx {
     /// The client as cyan sees it (the PROXY header's source when one was
     /// accepted).
     pub peer: SocketAddr,
+    /// `peer`'s address as a header value (X-Forwarded-For), made once.
+    pub peer_value: HeaderValue,
     pub trusted_peer: bool,
     pub tls: bool,
     pub activity: Arc<ConnActivity>,
@@ -245,12 +247,12 @@ async fn forward(
             parts.headers.remove(&ov.header);
         }
     }
-    headers::set_forwarding(
+    headers::set_forwarding_with(
         &mut parts.headers,
-        conn.peer.ip(),
+        &conn.peer_value,
         conn.trusted_peer,
         conn.tls,
-        host_value.to_str().unwrap_or(""),
+        Some(&host_value).filter(|h| !h.is_empty()),
     );
     let request_id = headers::ensure_request_id(&mut parts.headers);
     if let Some(a) = guard.access() {
@@ -258,7 +260,11 @@ async fn forward(
     }
     parts.extensions = http::Extensions::new();
 
-    let (body, body_sent) = ReqBody::client(body, conn.listener.config.body_idle_timeout);
+    let (body, body_sent) = ReqBody::client(
+        body,
+        conn.listener.config.body_idle_timeout,
+        &conn.activity.probe,
+    );
     if let Some(a) = guard.access() {
         a.body = body_sent.clone();
     }

@@ -353,6 +353,15 @@ impl RoutingTable {
                 let Some(&first) = steps.first() else {
                     return Err(invalid("the plan has no steps"));
                 };
+                // The same rules as `[service.rollout] steps`: a step past
+                // 100 % would put the split out of range.
+                if steps.iter().any(|&bp| bp == 0 || bp > BUCKETS)
+                    || steps.windows(2).any(|w| w[1] <= w[0])
+                {
+                    return Err(invalid(
+                        "steps must be strictly increasing, each in 1..=10000 basis points",
+                    ));
+                }
                 svc.rollout = Some(RolloutState {
                     step: 0,
                     steps: steps.clone(),

@@ -311,7 +311,10 @@ impl Upstream {
         for _ in 0..4 {
             let (sender, fresh) = match self.checkout().await {
                 Some(s) => (s, false),
-                None => match self.connect_sender().await {
+                // Boxed: connecting (TCP, TLS, HTTP handshake) is a large
+                // future and a rare step; inline it would grow every
+                // request's future by ~6 KiB, copied on each request.
+                None => match Box::pin(self.connect_sender()).await {
                     Ok(s) => (s, true),
                     Err(error) => {
                         return Err(SendFailure {

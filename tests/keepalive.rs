@@ -1,0 +1,311 @@
+//! HTTP/1.1 keep-alive connections are handed back from hyper between
+//! requests (src/keepalive.rs). Every byte a client sends must still be
+//! served in order, whatever it sends while the connection is released:
+//! the next request after a pause, pipelined requests, a request split across
+//! the release, bodies. A body cyan did not read must never be parsed as a
+//! request.
+
+mod support;
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::*;
+
+/// Longer than the release linger (10 ms): the connection is released
+/// before the next bytes come.
+const PAUSE: Duration = Duration::from_millis(60);
+
+/// Reads `n` whole responses (Content-Length framed) from `s`.
+async fn read_responses(s: &mut TcpStream, n: usize, wait: Duration) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap_or(0));
+            if buf.len() < end + 4 + len {
+                break;
+            }
+            out.push(String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned());
+            buf.drain(..end + 4 + len);
+        }
+        if out.len() >= n {
+            return out;
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return out,
+            Ok(Ok(k)) => buf.extend_from_slice(&chunk[..k]),
+        }
+    }
+}
+
+async fn proxy_with(blue: &Backend) -> (cyan::server::Server, std::net::SocketAddr) {
+    let cfg = config(&service_config(0.0, ""), &[blue], &[blue]);
+    start_proxy(&cfg).await
+}
+
+fn body_of(resp: &str) -> &str {
+    resp.split("\r\n\r\n").nth(1).unwrap_or("")
+}
+
+#[tokio::test]
+async fn requests_after_pauses_reuse_the_connection() {
+    let blue = Backend::start("blue").await;
+    let (_server, proxy) = proxy_with(&blue).await;
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    for i in 0..5 {
+        s.write_all(b"GET /status/200 HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .unwrap();
+        let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+        assert_eq!(r.len(), 1, "request {i} answered on the same connection");
+        assert!(r[0].starts_with("HTTP/1.1 200"), "{}", r[0]);
+        tokio::time::sleep(PAUSE).await;
+    }
+    assert_eq!(blue.hits(), 5);
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_all_answered_in_order() {
+    let blue = Backend::start("blue").await;
+    let (_server, proxy) = proxy_with(&blue).await;
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    // Three requests in one write, then two more after a release.
+    s.write_all(
+        b"GET /status/201 HTTP/1.1\r\nHost: app\r\n\r\n\
+          GET /status/202 HTTP/1.1\r\nHost: app\r\n\r\n\
+          GET /status/203 HTTP/1.1\r\nHost: app\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let r = read_responses(&mut s, 3, Duration::from_secs(5)).await;
+    let statuses: Vec<&str> = r.iter().map(|r| &r[9..12]).collect();
+    assert_eq!(statuses, ["201", "202", "203"]);
+    tokio::time::sleep(PAUSE).await;
+    s.write_all(
+        b"GET /status/204 HTTP/1.1\r\nHost: app\r\n\r\n\
+          GET /status/205 HTTP/1.1\r\nHost: app\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let r = read_responses(&mut s, 2, Duration::from_secs(5)).await;
+    let statuses: Vec<&str> = r.iter().map(|r| &r[9..12]).collect();
+    assert_eq!(statuses, ["204", "205"]);
+}
+
+#[tokio::test]
+async fn a_request_split_across_a_release_is_served_whole() {
+    let blue = Backend::start("blue").await;
+    let (_server, proxy) = proxy_with(&blue).await;
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    // The first request and the start of the second in one write: hyper
+    // holds the partial head when the first response is done.
+    s.write_all(b"GET /status/201 HTTP/1.1\r\nHost: app\r\n\r\nGET /echo-headers HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(r.len(), 1);
+    assert!(r[0].starts_with("HTTP/1.1 201"), "{}", r[0]);
+    tokio::time::sleep(PAUSE).await;
+    s.write_all(b"st: app\r\nX-Split: yes\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(r.len(), 1, "the split request is answered");
+    assert!(r[0].starts_with("HTTP/1.1 200"), "{}", r[0]);
+    assert!(
+        body_of(&r[0]).contains("x-split: yes"),
+        "the head reached the backend whole: {}",
+        r[0]
+    );
+}
+
+#[tokio::test]
+async fn bodies_then_more_requests_on_one_connection() {
+    let blue = Backend::start("blue").await;
+    let (_server, proxy) = proxy_with(&blue).await;
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let data = b"hello keep-alive";
+    let digest = digest_hex(data);
+    // Content-Length body, pause, chunked body, pause, bodiless.
+    let req = format!(
+        "POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: {}\r\n{DIGEST}: {digest}\r\n\r\n",
+        data.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    tokio::time::sleep(PAUSE).await;
+    s.write_all(data).await.unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(r.len(), 1);
+    assert!(r[0].starts_with("HTTP/1.1 200"), "{}", r[0]);
+    assert_eq!(body_of(&r[0]), format!("{digest} {}", data.len()));
+    tokio::time::sleep(PAUSE).await;
+
+    let req = format!(
+        "POST /upload HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n{DIGEST}: {digest}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(format!("{:x}\r\n", 5).as_bytes())
+        .await
+        .unwrap();
+    s.write_all(&data[..5]).await.unwrap();
+    s.write_all(b"\r\n").await.unwrap();
+    tokio::time::sleep(PAUSE).await;
+    s.write_all(format!("{:x}\r\n", data.len() - 5).as_bytes())
+        .await
+        .unwrap();
+    s.write_all(&data[5..]).await.unwrap();
+    s.write_all(b"\r\n0\r\n\r\n").await.unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(r.len(), 1);
+    assert!(r[0].starts_with("HTTP/1.1 200"), "{}", r[0]);
+    assert_eq!(body_of(&r[0]), format!("{digest} {}", data.len()));
+    tokio::time::sleep(PAUSE).await;
+
+    s.write_all(b"GET /status/200 HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(r.len(), 1);
+    assert!(r[0].starts_with("HTTP/1.1 200"), "{}", r[0]);
+    assert_eq!(blue.hits(), 3);
+}
+
+/// A body cyan answered without reading (no route) arrives after the
+/// answer: it must not be taken for the next request.
+#[tokio::test]
+async fn an_unread_body_is_never_parsed_as_a_request() {
+    let blue = Backend::start("blue").await;
+    let text = r#"
+[[listener]]
+name = "public"
+listen = "127.0.0.1:0"
+
+[[service]]
+name = "app"
+hosts = ["app.example"]
+blue  = { endpoints = [{blue}] }
+green = { endpoints = [{green}] }
+"#;
+    let cfg = config(text, &[&blue], &[&blue]);
+    let (_server, proxy) = start_proxy(&cfg).await;
+    let smuggled = b"GET /status/299 HTTP/1.1\r\nHost: app.example\r\n\r\n";
+    for framing in ["length", "chunked"] {
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        let head = match framing {
+            "length" => format!(
+                "POST / HTTP/1.1\r\nHost: nowhere.example\r\nContent-Length: {}\r\n\r\n",
+                smuggled.len()
+            ),
+            _ => "POST / HTTP/1.1\r\nHost: nowhere.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_string(),
+        };
+        s.write_all(head.as_bytes()).await.unwrap();
+        let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+        assert_eq!(r.len(), 1);
+        assert!(r[0].starts_with("HTTP/1.1 404"), "{framing}: {}", r[0]);
+        tokio::time::sleep(PAUSE).await;
+        let body = match framing {
+            "length" => smuggled.to_vec(),
+            _ => {
+                let mut b = format!("{:x}\r\n", smuggled.len()).into_bytes();
+                b.extend_from_slice(smuggled);
+                b.extend_from_slice(b"\r\n0\r\n\r\n");
+                b
+            }
+        };
+        // The proxy may already have closed; a failed write is fine.
+        let _ = s.write_all(&body).await;
+        let more = read_responses(&mut s, 1, Duration::from_millis(500)).await;
+        assert!(
+            more.iter().all(|r| !r.starts_with("HTTP/1.1 299")),
+            "{framing}: the body was served as a request: {more:?}"
+        );
+    }
+    assert_eq!(blue.hits(), 0, "nothing reached the backend");
+
+    // The backend answers before the body has come (its answer does not
+    // depend on it); the client sends the body afterwards. Still a body.
+    for framing in ["length", "chunked"] {
+        let hits = blue.hits();
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        let head = match framing {
+            // One body byte comes with the head, so the proxy is reading
+            // the body when the answer is done.
+            "length" => format!(
+                "POST /status/200 HTTP/1.1\r\nHost: app.example\r\nContent-Length: {}\r\n\r\nx",
+                smuggled.len() + 1
+            ),
+            _ => "POST /status/200 HTTP/1.1\r\nHost: app.example\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n"
+                .to_string(),
+        };
+        s.write_all(head.as_bytes()).await.unwrap();
+        let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+        assert_eq!(r.len(), 1);
+        assert!(r[0].starts_with("HTTP/1.1 200"), "{framing}: {}", r[0]);
+        tokio::time::sleep(PAUSE).await;
+        let body = match framing {
+            "length" => smuggled.to_vec(),
+            _ => {
+                let mut b = format!("{:x}\r\n", smuggled.len()).into_bytes();
+                b.extend_from_slice(smuggled);
+                b.extend_from_slice(b"\r\n0\r\n\r\n");
+                b
+            }
+        };
+        let _ = s.write_all(&body).await;
+        let more = read_responses(&mut s, 1, Duration::from_millis(500)).await;
+        assert!(
+            more.iter().all(|r| !r.starts_with("HTTP/1.1 299")),
+            "{framing}: a body the backend skipped was served as a request: {more:?}"
+        );
+        assert_eq!(
+            blue.hits(),
+            hits + 1,
+            "{framing}: only the POST reached the backend"
+        );
+    }
+    // The proxy still serves.
+    let ok = raw_exchange(
+        proxy,
+        b"GET /status/200 HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+}
+
+/// Many connections released and resumed at once, each checking its own
+/// answers (a mixed-up socket or replayed buffer would show up here).
+#[tokio::test]
+async fn many_connections_resume_with_their_own_bytes() {
+    let blue = Backend::start("blue").await;
+    let (_server, proxy) = proxy_with(&blue).await;
+    let mut tasks = Vec::new();
+    for c in 0..50u32 {
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(proxy).await.unwrap();
+            for i in 0..4u32 {
+                let code = 200 + (c * 4 + i) % 27;
+                let req = format!("GET /status/{code} HTTP/1.1\r\nHost: app\r\n\r\n");
+                s.write_all(req.as_bytes()).await.unwrap();
+                let r = read_responses(&mut s, 1, Duration::from_secs(10)).await;
+                assert_eq!(r.len(), 1, "conn {c} request {i}");
+                assert_eq!(&r[0][9..12], code.to_string(), "conn {c} request {i}");
+                tokio::time::sleep(Duration::from_millis(15 + u64::from(c % 5) * 10)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(blue.hits(), 200);
+}
