@@ -3,6 +3,7 @@
 //! `eventually` helper. No fixed ports, nothing outside the process.
 #![allow(dead_code)]
 
+pub mod extended;
 pub mod faults;
 
 use std::convert::Infallible;
