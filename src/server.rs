@@ -419,8 +419,13 @@ impl Server {
 
     /// Stops accepting, asks every connection to finish, and waits for them
     /// up to the drain deadline.
-    pub async fn shutdown(self) -> DrainReport {
+    pub async fn shutdown(mut self) -> DrainReport {
         let start = Instant::now();
+        // The duplicates kept for a successor would hold the listening
+        // sockets open after the accept loops drop theirs: new connections
+        // would wait in a backlog nobody accepts from until the drain ends,
+        // instead of being refused now.
+        self.listener_fds.clear();
         self.shutdown.cancel();
         self.tracker.close();
         let done = tokio::time::timeout(self.drain_timeout, self.tracker.wait()).await;
@@ -687,6 +692,9 @@ impl Connection {
         loop {
             if pre.is_empty() {
                 tokio::select! {
+                    // Biased: bytes already here are a request to serve
+                    // (with `Connection: close` in a drain), not to reset.
+                    biased;
                     r = io.wait_readable() => if r.is_err() { return },
                     _ = tokio::time::sleep(self.ctx.config.idle_timeout) => return,
                     _ = self.stops.graceful.cancelled() => return,
@@ -736,16 +744,26 @@ impl Connection {
         let mut wait = idle.min(send_timeout);
         // hyper went idle and the release timer runs (see RELEASE_LINGER).
         let mut lingering = false;
-        if self.stops.graceful.is_cancelled() {
-            // A first request that arrived within its grace: served with
-            // `Connection: close` (HTTP/2: GOAWAY after it).
+        // A request that arrived during a drain (a first request within its
+        // grace): served with `Connection: close` (HTTP/2: GOAWAY after it).
+        // hyper closes a connection asked to shut down before it has read
+        // anything, so it is asked only after its first poll has read the
+        // bytes already here.
+        let mut graceful_after_poll = self.stops.graceful.is_cancelled();
+        if graceful_after_poll {
             draining = true;
             closing = true;
-            http.as_mut().graceful();
         }
         loop {
             let step = std::future::poll_fn(|cx| match http.as_mut().poll(cx) {
                 Poll::Ready(r) => Poll::Ready(Some(r)),
+                Poll::Pending if graceful_after_poll => {
+                    graceful_after_poll = false;
+                    http.as_mut().graceful();
+                    // hyper may be done now (nothing was there to read).
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
                 Poll::Pending
                     if !closing
                         && !lingering
