@@ -12,7 +12,8 @@
 //! ```text
 //!                        data plane (every request)
 //! client ─► server: permit before accept, PROXY header, TLS handshake in task,
-//!           HTTP/1.1 + HTTP/2 on one port (hyper-util auto), idle watchdog
+//!           HTTP/1.1 + HTTP/2 on one port (preface sniff), idle watchdog;
+//!           idle HTTP/1.1 keep-alive holds only its socket (keepalive)
 //!         ─► proxy::handle
 //!              headers::check_request            reject smuggling / bad Host / CONNECT
 //!              let table = table.load();          ONE snapshot per request
@@ -54,6 +55,7 @@
 //! | [`upstream`] | per-endpoint connection pools (h1 / h2 / h2c, TLS), timeouts |
 //! | [`body`] | request/response body types: idle timeout, end-of-request accounting |
 //! | [`server`] | listeners, accept loop, limits, PROXY protocol, graceful drain |
+//! | [`keepalive`] | HTTP/1.1 between requests: hyper released, socket kept, bytes replayed |
 //! | [`tls`] | rustls server and client configs, SNI certificate selection |
 //! | [`metrics`] | metrics struct over its own registry |
 //! | [`demo`] | built-in demo backends and the embedded demo config |
