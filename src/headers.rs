@@ -159,65 +159,99 @@ fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` stays and
 /// `Connection: upgrade` is set.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Fast path: most requests carry none of them. One pass over the names
-    // (standard names compare as small integers) instead of a hashed
-    // lookup per hop-by-hop name.
-    if !keep_upgrade && !headers.keys().any(is_hop_by_hop_name) {
+    // One pass over the names (standard names compare as small integers)
+    // finds which hop-by-hop headers are there; only those are touched. Most
+    // requests carry none; most HTTP/1.1 responses carry `Connection:
+    // keep-alive` alone.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        present |= hop_by_hop_bit(name);
+    }
+    if present == 0 && !keep_upgrade {
         return;
     }
-    // Headers named by Connection. Almost always one value: no allocation.
-    let mut first: Option<HeaderValue> = None;
-    let mut more: Vec<HeaderValue> = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
-        if first.is_none() {
-            first = Some(v.clone());
-        } else {
-            more.push(v.clone());
-        }
-    }
-    for v in first.iter().chain(more.iter()) {
-        for token in v.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            if token.is_empty()
-                || token.eq_ignore_ascii_case(b"host")
-                || token.eq_ignore_ascii_case(b"content-length")
-                || (keep_upgrade && token.eq_ignore_ascii_case(b"upgrade"))
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token) {
-                headers.remove(name);
+    if present & HOP_CONNECTION != 0 {
+        // Headers named by Connection. Almost always one value: no allocation.
+        let mut first: Option<HeaderValue> = None;
+        let mut more: Vec<HeaderValue> = Vec::new();
+        for v in headers.get_all(header::CONNECTION) {
+            if first.is_none() {
+                first = Some(v.clone());
+            } else {
+                more.push(v.clone());
             }
         }
+        for v in first.iter().chain(more.iter()) {
+            for token in v.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case(b"host")
+                    || token.eq_ignore_ascii_case(b"content-length")
+                    || (keep_upgrade && token.eq_ignore_ascii_case(b"upgrade"))
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    // The fixed names are removed below, once, if present.
+                    if hop_by_hop_bit(&name) == 0 {
+                        headers.remove(name);
+                    }
+                }
+            }
+        }
+        headers.remove(header::CONNECTION);
     }
-    headers.remove(header::CONNECTION);
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
-    });
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if present & HOP_KEEP_ALIVE != 0 {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if present & HOP_PROXY_CONNECTION != 0 {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if present & HOP_TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present & HOP_TE != 0 {
+        let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+        });
+        headers.remove(header::TE);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & HOP_UPGRADE != 0 {
         headers.remove(header::UPGRADE);
     }
 }
 
-/// The names removed on every hop, whatever `Connection` lists.
-fn is_hop_by_hop_name(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::TE
-        || name == header::UPGRADE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+const HOP_CONNECTION: u8 = 1;
+const HOP_TRANSFER_ENCODING: u8 = 2;
+const HOP_TE: u8 = 4;
+const HOP_UPGRADE: u8 = 8;
+const HOP_KEEP_ALIVE: u8 = 16;
+const HOP_PROXY_CONNECTION: u8 = 32;
+
+/// The names removed on every hop, whatever `Connection` lists, as bits.
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        HOP_CONNECTION
+    } else if name == header::TRANSFER_ENCODING {
+        HOP_TRANSFER_ENCODING
+    } else if name == header::TE {
+        HOP_TE
+    } else if name == header::UPGRADE {
+        HOP_UPGRADE
+    } else if name == KEEP_ALIVE {
+        HOP_KEEP_ALIVE
+    } else if name == PROXY_CONNECTION {
+        HOP_PROXY_CONNECTION
+    } else {
+        0
+    }
 }
 
 /// The client's address as cyan believes it: the peer, or — when the peer is
