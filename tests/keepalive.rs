@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use support::*;
@@ -17,35 +17,6 @@ use support::*;
 /// Longer than the release linger (10 ms): the connection is released
 /// before the next bytes come.
 const PAUSE: Duration = Duration::from_millis(60);
-
-/// Reads `n` whole responses (Content-Length framed) from `s`.
-async fn read_responses(s: &mut TcpStream, n: usize, wait: Duration) -> Vec<String> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut buf = Vec::new();
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap_or(0));
-            if buf.len() < end + 4 + len {
-                break;
-            }
-            out.push(String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned());
-            buf.drain(..end + 4 + len);
-        }
-        if out.len() >= n {
-            return out;
-        }
-        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return out,
-            Ok(Ok(k)) => buf.extend_from_slice(&chunk[..k]),
-        }
-    }
-}
 
 async fn proxy_with(blue: &Backend) -> (cyan::server::Server, std::net::SocketAddr) {
     let cfg = config(&service_config(0.0, ""), &[blue], &[blue]);
@@ -197,81 +168,19 @@ green = { endpoints = [{green}] }
 "#;
     let cfg = config(text, &[&blue], &[&blue]);
     let (_server, proxy) = start_proxy(&cfg).await;
-    let smuggled = b"GET /status/299 HTTP/1.1\r\nHost: app.example\r\n\r\n";
-    for framing in ["length", "chunked"] {
-        let mut s = TcpStream::connect(proxy).await.unwrap();
-        let head = match framing {
-            "length" => format!(
-                "POST / HTTP/1.1\r\nHost: nowhere.example\r\nContent-Length: {}\r\n\r\n",
-                smuggled.len()
-            ),
-            _ => "POST / HTTP/1.1\r\nHost: nowhere.example\r\nTransfer-Encoding: chunked\r\n\r\n"
-                .to_string(),
-        };
-        s.write_all(head.as_bytes()).await.unwrap();
-        let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
-        assert_eq!(r.len(), 1);
-        assert!(r[0].starts_with("HTTP/1.1 404"), "{framing}: {}", r[0]);
-        tokio::time::sleep(PAUSE).await;
-        let body = match framing {
-            "length" => smuggled.to_vec(),
-            _ => {
-                let mut b = format!("{:x}\r\n", smuggled.len()).into_bytes();
-                b.extend_from_slice(smuggled);
-                b.extend_from_slice(b"\r\n0\r\n\r\n");
-                b
-            }
-        };
-        // The proxy may already have closed; a failed write is fine.
-        let _ = s.write_all(&body).await;
-        let more = read_responses(&mut s, 1, Duration::from_millis(500)).await;
-        assert!(
-            more.iter().all(|r| !r.starts_with("HTTP/1.1 299")),
-            "{framing}: the body was served as a request: {more:?}"
-        );
+    let smuggled: &[u8] = b"GET /status/299 HTTP/1.1\r\nHost: app.example\r\n\r\n";
+    // No route: answered 404 without reading the body.
+    for chunked in [false, true] {
+        body_after_answer(proxy, "nowhere.example", "", smuggled, chunked, "404").await;
     }
     assert_eq!(blue.hits(), 0, "nothing reached the backend");
-
     // The backend answers before the body has come (its answer does not
-    // depend on it); the client sends the body afterwards. Still a body.
-    for framing in ["length", "chunked"] {
+    // depend on it). One body byte comes with the head, so the proxy is
+    // reading the body when the answer is done.
+    for chunked in [false, true] {
         let hits = blue.hits();
-        let mut s = TcpStream::connect(proxy).await.unwrap();
-        let head = match framing {
-            // One body byte comes with the head, so the proxy is reading
-            // the body when the answer is done.
-            "length" => format!(
-                "POST /status/200 HTTP/1.1\r\nHost: app.example\r\nContent-Length: {}\r\n\r\nx",
-                smuggled.len() + 1
-            ),
-            _ => "POST /status/200 HTTP/1.1\r\nHost: app.example\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n"
-                .to_string(),
-        };
-        s.write_all(head.as_bytes()).await.unwrap();
-        let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
-        assert_eq!(r.len(), 1);
-        assert!(r[0].starts_with("HTTP/1.1 200"), "{framing}: {}", r[0]);
-        tokio::time::sleep(PAUSE).await;
-        let body = match framing {
-            "length" => smuggled.to_vec(),
-            _ => {
-                let mut b = format!("{:x}\r\n", smuggled.len()).into_bytes();
-                b.extend_from_slice(smuggled);
-                b.extend_from_slice(b"\r\n0\r\n\r\n");
-                b
-            }
-        };
-        let _ = s.write_all(&body).await;
-        let more = read_responses(&mut s, 1, Duration::from_millis(500)).await;
-        assert!(
-            more.iter().all(|r| !r.starts_with("HTTP/1.1 299")),
-            "{framing}: a body the backend skipped was served as a request: {more:?}"
-        );
-        assert_eq!(
-            blue.hits(),
-            hits + 1,
-            "{framing}: only the POST reached the backend"
-        );
+        body_after_answer(proxy, "app.example", "x", smuggled, chunked, "200").await;
+        assert_eq!(blue.hits(), hits + 1, "only the POST reached the backend");
     }
     // The proxy still serves.
     let ok = raw_exchange(
@@ -308,4 +217,52 @@ async fn many_connections_resume_with_their_own_bytes() {
         t.await.unwrap();
     }
     assert_eq!(blue.hits(), 200);
+}
+
+/// POSTs to `host` with `first` as the start of the body, reads the answer
+/// (`status`), then after a release sends the rest of the body: `smuggled`,
+/// a whole request. It must never be answered as one.
+async fn body_after_answer(
+    proxy: std::net::SocketAddr,
+    host: &str,
+    first: &str,
+    smuggled: &[u8],
+    chunked: bool,
+    status: &str,
+) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let (head, rest) = if chunked {
+        let mut head = format!(
+            "POST /status/200 HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        if !first.is_empty() {
+            head.push_str(&format!("{:x}\r\n{first}\r\n", first.len()));
+        }
+        let mut rest = format!("{:x}\r\n", smuggled.len()).into_bytes();
+        rest.extend_from_slice(smuggled);
+        rest.extend_from_slice(b"\r\n0\r\n\r\n");
+        (head, rest)
+    } else {
+        let head = format!(
+            "POST /status/200 HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n{first}",
+            first.len() + smuggled.len()
+        );
+        (head, smuggled.to_vec())
+    };
+    s.write_all(head.as_bytes()).await.unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(r.len(), 1, "{host} chunked={chunked}: answered");
+    assert!(
+        r[0].starts_with(&format!("HTTP/1.1 {status}")),
+        "{host} chunked={chunked}: {}",
+        r[0]
+    );
+    tokio::time::sleep(PAUSE).await;
+    // The proxy may already have closed; a failed write is fine.
+    let _ = s.write_all(&rest).await;
+    let more = read_responses(&mut s, 1, Duration::from_millis(500)).await;
+    assert!(
+        more.iter().all(|r| !r.starts_with("HTTP/1.1 299")),
+        "{host} chunked={chunked}: the body was served as a request: {more:?}"
+    );
 }

@@ -838,24 +838,40 @@ pub async fn raw_outcome(proxy: SocketAddr, bytes: &[u8], wait: Duration) -> Raw
 /// Reads one HTTP/1.1 response (head + Content-Length body) from `s`,
 /// leaving the connection open. `None` on EOF/timeout before a whole one.
 pub async fn read_one_response(s: &mut tokio::net::TcpStream, wait: Duration) -> Option<String> {
+    read_responses(s, 1, wait).await.pop()
+}
+
+/// Reads up to `n` whole responses (Content-Length framed; pipelined ones
+/// included) from `s`, leaving the connection open. Fewer on EOF/timeout.
+pub async fn read_responses(
+    s: &mut tokio::net::TcpStream,
+    n: usize,
+    wait: Duration,
+) -> Vec<String> {
     use tokio::io::AsyncReadExt;
     let deadline = tokio::time::Instant::now() + wait;
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 8192];
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
             let len: usize = head
                 .lines()
                 .find_map(|l| l.strip_prefix("content-length:"))
                 .map_or(0, |v| v.trim().parse().unwrap_or(0));
-            if buf.len() >= end + 4 + len {
-                return Some(String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned());
+            if buf.len() < end + 4 + len || out.len() == n {
+                break;
             }
+            out.push(String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned());
+            buf.drain(..end + 4 + len);
+        }
+        if out.len() >= n {
+            return out;
         }
         match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return out,
+            Ok(Ok(k)) => buf.extend_from_slice(&chunk[..k]),
         }
     }
 }
