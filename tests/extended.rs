@@ -393,8 +393,9 @@ impl Slowloris {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let to = Instant::now();
-        // Each stalled response was cut short: what the kernel still held
-        // ends in EOF long before the whole body (read at most 16 MiB).
+        // Each stalled response was served, then cut short: what the kernel
+        // still held (the head and some body) ends in EOF long before the
+        // whole body (read at most 16 MiB).
         let mut drains = Vec::with_capacity(readers.len());
         for mut s in readers {
             drains.push(tokio::spawn(async move {
@@ -403,7 +404,7 @@ impl Slowloris {
                 let mut buf = vec![0u8; 64 * 1024];
                 while total < 16 << 20 {
                     match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => return (total < len, total),
+                        Ok(Ok(0)) | Ok(Err(_)) => return (total > 0 && total < len, total),
                         Ok(Ok(k)) => total += k as u64,
                         Err(_) => return (false, total),
                     }
@@ -427,11 +428,11 @@ impl Slowloris {
                 )),
                 max_got / 1024
             ),
-            &format!("all cut, within {}", ms(TIMEOUT + MARGIN)),
-            opened == n
-                && truncated == n
-                && closed_after.is_some_and(|d| d <= TIMEOUT + MARGIN)
-                && peak >= open_before + n as f64 * 0.9,
+            &format!(
+                "all served then cut, within {} of the last",
+                ms(TIMEOUT + MARGIN)
+            ),
+            opened == n && truncated == n && closed_after.is_some_and(|d| d <= TIMEOUT + MARGIN),
         );
         self.finish("slow readers", from, to).await;
     }
@@ -1041,12 +1042,18 @@ idle_timeout = "2s"
         ok > 1000 && failed == 0 && mismatched == 0,
     );
     let grew = rss_end as i64 - rss_warm as i64;
+    let (_, events) = cyan
+        .admin(Method::GET, "/v1/events?since=0&limit=1000", None)
+        .await
+        .expect("events");
+    let listed = events["events"].as_array().map_or(0, Vec::len).max(1);
+    let event_bytes = events["events"].to_string().len() / listed;
     // Part of the growth is by design: the newest 10,000 audit events are
     // kept in memory for /v1/events (each change adds one).
     report.row(
         "split storm: proxy memory",
         format!(
-            "RSS {:.1} MiB after warm-up ({warm} changes), {:.1} MiB at the end ({:+.2} MiB; path {} MiB; includes {} audit events kept in memory)",
+            "RSS {:.1} MiB after warm-up ({warm} changes), {:.1} MiB at the end ({:+.2} MiB; path {} MiB; includes {} more audit events kept in memory, ~{event_bytes} B each as JSON)",
             rss_warm as f64 / 1048576.0,
             rss_end as f64 / 1048576.0,
             grew as f64 / 1048576.0,
