@@ -17,6 +17,11 @@
 set -euo pipefail
 
 DEPLOY=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# CYAN_BIN may be relative to where the script was started.
+case "${CYAN_BIN:-}" in
+    "" | /*) ;;
+    *) CYAN_BIN="$PWD/$CYAN_BIN" ;;
+esac
 cd "$DEPLOY"
 
 # Exposure limit for the systemd unit, on systemd-analyze's 0-100 scale
@@ -90,7 +95,7 @@ fi
 # ------------------------------------------------------------------ files
 files_present() {
     local missing=0 f
-    for f in systemd/cyan.service docker/Dockerfile docker/cyan.toml \
+    for f in systemd/cyan.service systemd/cyan@.service docker/Dockerfile docker/cyan.toml \
         k8s/kustomization.yaml k8s/cyan.toml k8s/deployment.yaml k8s/service.yaml k8s/pdb.yaml \
         prometheus/cyan-rules.yml prometheus/cyan-rules.test.yml prometheus/scrape.yml \
         grafana/cyan.json README.md; do
@@ -145,11 +150,13 @@ else
 fi
 
 # ---------------------------------------------------------------- systemd
-UNIT=systemd/cyan.service
+# cyan.service, and the template cyan@.service (instances cyan@a / cyan@b
+# for binary upgrades; systemd-analyze checks the template as cyan@i).
+UNITS="systemd/cyan.service systemd/cyan@.service"
 if command -v systemd-analyze >/dev/null 2>&1; then
     security_check() {
-        local rc=0 score
-        systemd-analyze security --offline=true --threshold="$THRESHOLD" "$UNIT" >"$WORK/security" 2>&1 || rc=$?
+        local unit=$1 rc=0 score
+        systemd-analyze security --offline=true --threshold="$THRESHOLD" "$unit" >"$WORK/security" 2>&1 || rc=$?
         score=$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' "$WORK/security")
         echo "$score" >"$WORK/score"
         if [ -z "$score" ]; then
@@ -161,17 +168,10 @@ if command -v systemd-analyze >/dev/null 2>&1; then
         # Both the tool's own verdict and the number itself.
         [ "$rc" = 0 ] && awk -v s="$score" -v t="$THRESHOLD" 'BEGIN { exit !(s * 10 <= t) }'
     }
-    if security_check >"$WORK/sec.out" 2>&1; then
-        pass "systemd-analyze security --offline=true --threshold=$THRESHOLD: exposure $(cat "$WORK/score")"
-    else
-        fail "systemd-analyze security --offline=true --threshold=$THRESHOLD: exposure $(cat "$WORK/score" 2>/dev/null || echo '?')"
-        sed 's/^/      /' "$WORK/sec.out"
-    fi
-
     # Unknown or misspelled directives; the binary itself need not be installed.
     verify_unit() {
         local out
-        out=$(systemd-analyze verify "$UNIT" 2>&1 || true)
+        out=$(systemd-analyze verify "$1" 2>&1 || true)
         out=$(printf '%s\n' "$out" | grep -v -e 'Command /usr/local/bin/cyan is not executable' \
             -e '^$' || true)
         if [ -n "$out" ]; then
@@ -179,33 +179,75 @@ if command -v systemd-analyze >/dev/null 2>&1; then
             return 1
         fi
     }
-    check "systemd-analyze verify $UNIT" verify_unit
+    for UNIT in $UNITS; do
+        if security_check "$UNIT" >"$WORK/sec.out" 2>&1; then
+            pass "systemd-analyze security --offline=true --threshold=$THRESHOLD $UNIT: exposure $(cat "$WORK/score")"
+        else
+            fail "systemd-analyze security --offline=true --threshold=$THRESHOLD $UNIT: exposure $(cat "$WORK/score" 2>/dev/null || echo '?')"
+            sed 's/^/      /' "$WORK/sec.out"
+        fi
+        check "systemd-analyze verify $UNIT" verify_unit "$UNIT"
+    done
 else
     fail "systemd-analyze not available (apt-get install systemd)"
 fi
 
+# unit_directives UNIT DIRECTIVE...: each given line is in the unit (a
+# directive ending in '=' only needs a number after it).
 unit_directives() {
-    local missing=0 d
-    for d in 'DynamicUser=yes' 'AmbientCapabilities=CAP_NET_BIND_SERVICE' \
-        'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' 'NoNewPrivileges=yes' 'ProtectSystem=strict' \
-        'ProtectHome=yes' 'PrivateTmp=yes' 'PrivateDevices=yes' 'ProtectKernelTunables=yes' \
-        'ProtectKernelModules=yes' 'ProtectKernelLogs=yes' 'ProtectControlGroups=yes' \
-        'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6' 'RestrictNamespaces=yes' \
-        'LockPersonality=yes' 'MemoryDenyWriteExecute=yes' 'SystemCallFilter=@system-service' \
-        'SystemCallArchitectures=native' 'UMask=0077' 'StateDirectory=cyan' 'RuntimeDirectory=cyan' \
-        'ConfigurationDirectory=cyan' \
-        'ExecStartPre=/usr/local/bin/cyan check --config /etc/cyan/cyan.toml' \
-        'ExecStart=/usr/local/bin/cyan run --config /etc/cyan/cyan.toml' \
-        'ExecReload=/bin/kill -HUP $MAINPID' 'KillSignal=SIGTERM' 'TimeoutStopSec=35' \
-        'Restart=on-failure' 'LimitNOFILE='; do
-        if ! grep -qxF -- "$d" "$UNIT" && ! grep -q "^${d}[0-9]" "$UNIT"; then
-            echo "missing: $d"
+    local unit=$1 missing=0 d
+    shift
+    for d in "$@"; do
+        if ! grep -qxF -- "$d" "$unit" && ! grep -q "^${d}[0-9]" "$unit"; then
+            echo "missing in $unit: $d"
             missing=1
         fi
     done
     return "$missing"
 }
-check "systemd unit has the required directives" unit_directives
+COMMON_DIRECTIVES=('DynamicUser=yes' 'User=cyan' 'AmbientCapabilities=CAP_NET_BIND_SERVICE'
+    'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' 'NoNewPrivileges=yes' 'ProtectSystem=strict'
+    'ProtectHome=yes' 'PrivateTmp=yes' 'PrivateDevices=yes' 'ProtectKernelTunables=yes'
+    'ProtectKernelModules=yes' 'ProtectKernelLogs=yes' 'ProtectControlGroups=yes'
+    'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6' 'RestrictNamespaces=yes'
+    'LockPersonality=yes' 'MemoryDenyWriteExecute=yes' 'SystemCallFilter=@system-service'
+    'SystemCallArchitectures=native' 'UMask=0077' 'StateDirectory=cyan' 'RuntimeDirectory=cyan'
+    'ConfigurationDirectory=cyan'
+    'ExecStartPre=/usr/local/bin/cyan check --config /etc/cyan/cyan.toml'
+    'ExecReload=/bin/kill -HUP $MAINPID' 'KillSignal=SIGTERM' 'TimeoutStopSec=35'
+    'Restart=on-failure' 'LimitNOFILE=')
+check "systemd/cyan.service has the required directives" unit_directives systemd/cyan.service \
+    "${COMMON_DIRECTIVES[@]}" 'Type=exec' \
+    'ExecStart=/usr/local/bin/cyan run --config /etc/cyan/cyan.toml'
+# The template: READY=1 only once it serves (after any hand-over); take over
+# from the other instance or start normally; /run/cyan (the sockets) kept
+# when the old instance stops; an instance that handed over (exit 0) is not
+# restarted.
+check "systemd/cyan@.service has the required directives" unit_directives systemd/cyan@.service \
+    "${COMMON_DIRECTIVES[@]}" 'Type=notify' 'NotifyAccess=main' 'RuntimeDirectoryPreserve=yes' \
+    'ExecStart=/usr/local/bin/cyan run --config /etc/cyan/cyan.toml --upgrade=auto'
+
+# The template is cyan.service plus the upgrade settings: any other
+# difference (a hardening directive dropped from one of them) is drift.
+units_in_step() {
+    "$PY" - <<'PYEOF'
+import re, sys
+def directives(path):
+    out = []
+    for line in open(path):
+        line = line.strip()
+        if line and not line.startswith("#") and re.match(r"^[A-Za-z]+=", line):
+            out.append(line)
+    return out
+plain, tmpl = directives("systemd/cyan.service"), directives("systemd/cyan@.service")
+allowed = ("Description=", "Type=", "NotifyAccess=", "ExecStart=", "RuntimeDirectoryPreserve=")
+bad = [f"only in cyan.service: {d}" for d in plain if d not in tmpl and not d.startswith(allowed)]
+bad += [f"only in cyan@.service: {d}" for d in tmpl if d not in plain and not d.startswith(allowed)]
+print("\n".join(bad) or f"{len(tmpl)} directives, differences limited to {', '.join(allowed)}")
+sys.exit(1 if bad else 0)
+PYEOF
+}
+check "systemd/cyan@.service = cyan.service + upgrade settings (no drift)" units_in_step
 
 # ------------------------------------------------------------- kubernetes
 # Structural checks on a stream of Kubernetes objects (the kustomize output,
@@ -300,6 +342,20 @@ CYAN=${CYAN_BIN:-$(command -v cyan || true)}
 if [ -n "$CYAN" ] && [ -x "$CYAN" ]; then
     check "cyan check --config docker/cyan.toml" "$CYAN" check --config docker/cyan.toml
     check "cyan check --config k8s/cyan.toml" "$CYAN" check --config k8s/cyan.toml
+    # The units' command lines parse with this cyan (`--help` stops before
+    # anything runs; an unknown flag or value still exits 2).
+    exec_start_parses() {
+        local unit line
+        for unit in $UNITS; do
+            for line in $(sed -n 's/^ExecStart=\/usr\/local\/bin\/cyan //p' "$unit" | tr ' ' '\001'); do
+                line=$(printf '%s' "$line" | tr '\001' ' ')
+                # shellcheck disable=SC2086
+                "$CYAN" $line --help >/dev/null || { echo "$unit: cyan $line: does not parse"; return 1; }
+                echo "$unit: cyan $line"
+            done
+        done
+    }
+    check "systemd units' ExecStart parses with this cyan" exec_start_parses
 else
     skip "cyan check on the example configs (no cyan binary; set CYAN_BIN)"
 fi
@@ -436,12 +492,13 @@ check "docker/Dockerfile (stages, non-root USER, ports, volumes, stop signal)" d
 readme_check() {
     local s ok=0
     for s in 'systemctl enable --now cyan' 'systemctl reload cyan' 'docker run' 'kubectl apply -k' \
+        'cyan@.service' 'systemctl start cyan@b' 'upgrade_socket' \
         'scrape.yml' 'cyan-rules.yml' 'cyan.json'; do
         grep -qF -- "$s" README.md || { echo "README.md does not mention: $s"; ok=1; }
     done
     return "$ok"
 }
-check "README.md covers systemd, docker, k8s, prometheus, grafana" readme_check
+check "README.md covers systemd (upgrades included), docker, k8s, prometheus, grafana" readme_check
 
 echo "deploy-checks: $PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]

@@ -45,8 +45,20 @@ enum Command {
         /// Take the listening sockets over from the cyan running with this
         /// config (via `[runtime] upgrade_socket`); it drains and exits once
         /// this one serves. No connection is refused in between.
-        #[arg(long)]
-        upgrade: bool,
+        /// `--upgrade` (= `--upgrade=required`) fails, nothing changed, when
+        /// no cyan answers; `--upgrade=auto` then starts normally (only when
+        /// the socket file is missing or nothing listens on it; any other
+        /// failure still exits 1). `auto` is for the systemd template unit
+        /// deploy/systemd/cyan@.service.
+        #[arg(
+            long,
+            value_enum,
+            value_name = "MODE",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = "required"
+        )]
+        upgrade: Option<UpgradeMode>,
     },
     /// Validate a config file: exit 0, or 1 with every problem listed by key.
     Check {
@@ -76,6 +88,15 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+}
+
+/// How `cyan run --upgrade` finds its sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum UpgradeMode {
+    /// From the running cyan, or not at all (exit 1, nothing changed).
+    Required,
+    /// From the running cyan if one answers, else bound anew.
+    Auto,
 }
 
 #[derive(Debug, clap::Args)]
@@ -250,19 +271,40 @@ fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     b.build()
 }
 
-async fn run(cfg: Config, path: PathBuf, fresh_state: bool, upgrade: bool) -> ExitCode {
-    let (inherited, predecessor) = if upgrade {
+async fn run(
+    cfg: Config,
+    path: PathBuf,
+    fresh_state: bool,
+    upgrade: Option<UpgradeMode>,
+) -> ExitCode {
+    use cyan::upgrade::Takeover;
+    let (inherited, predecessor) = if let Some(mode) = upgrade {
         let Some(sock) = cfg.runtime.upgrade_socket.clone() else {
             eprintln!("cyan: --upgrade needs [runtime] upgrade_socket in the config");
             return ExitCode::from(1);
         };
-        match tokio::task::spawn_blocking(move || cyan::upgrade::request(&sock)).await {
-            Ok(Ok((inherited, stream))) => {
+        let asked = sock.clone();
+        let answer = tokio::task::spawn_blocking(move || match mode {
+            UpgradeMode::Required => cyan::upgrade::request(&sock)
+                .map(|(inherited, stream)| Takeover::HandedOver(inherited, stream)),
+            UpgradeMode::Auto => cyan::upgrade::request_if_running(&sock),
+        })
+        .await;
+        match answer {
+            Ok(Ok(Takeover::HandedOver(inherited, stream))) => {
                 tracing::info!(
                     sockets = inherited.fds.len(),
                     "took the listening sockets over"
                 );
                 (inherited, Some(stream))
+            }
+            Ok(Ok(Takeover::NoPredecessor(why))) => {
+                tracing::info!(
+                    socket = %asked.display(),
+                    reason = %why,
+                    "--upgrade=auto: no cyan runs on the upgrade socket; starting normally"
+                );
+                (Default::default(), None)
             }
             Ok(Err(e)) => {
                 eprintln!("cyan: upgrade failed, nothing changed: {e}");
@@ -302,15 +344,23 @@ async fn run(cfg: Config, path: PathBuf, fresh_state: bool, upgrade: bool) -> Ex
         services = cfg.services.len(),
         "cyan is serving"
     );
-    if let Some(stream) = predecessor {
+    let status = if let Some(stream) = predecessor {
         if let Err(e) = cyan::upgrade::ready(stream) {
             tracing::warn!(error = %e, "could not tell the previous process we are ready; it keeps serving too");
         }
-    }
-    tokio::select! {
-        _ = wait_for_signals(Some(&app.controller)) => {}
-        _ = app.upgraded.cancelled() => tracing::info!("handed over to the new process"),
-    }
+        "serving (took the sockets over from the previous process)"
+    } else {
+        "serving"
+    };
+    sd_notify(&format!("READY=1\nSTATUS={status}"));
+    let why = tokio::select! {
+        _ = wait_for_signals(Some(&app.controller)) => "stop signal",
+        _ = app.upgraded.cancelled() => {
+            tracing::info!("handed over to the new process");
+            "handed over to the new process"
+        }
+    };
+    sd_notify(&format!("STOPPING=1\nSTATUS=draining ({why})"));
     tracing::info!("draining");
     let report = app.shutdown().await;
     if report.abandoned > 0 {
@@ -323,6 +373,13 @@ async fn run(cfg: Config, path: PathBuf, fresh_state: bool, upgrade: bool) -> Ex
         tracing::info!(elapsed_ms = report.elapsed.as_millis() as u64, "drained");
     }
     ExitCode::SUCCESS
+}
+
+/// Reports to systemd (`Type=notify` units); nothing outside systemd.
+fn sd_notify(state: &str) {
+    if let Err(e) = cyan::upgrade::notify_systemd(state) {
+        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
 }
 
 /// Returns when SIGTERM or SIGINT arrives; SIGHUP reloads meanwhile.

@@ -17,10 +17,60 @@
 //! the old one simply keeps serving. The admin socket file is not removed by
 //! the old process once it has handed the socket over.
 //!
-//! Operator procedure (systemd: `ExecReload` stays SIGHUP for config; an
-//! upgrade is a new binary started with `--upgrade`, e.g. a oneshot unit, or
-//! by hand): install the new binary, run `cyan run --config F --upgrade`,
-//! watch the old PID exit 0.
+//! # Two ways to start
+//!
+//! * `--upgrade` (= `--upgrade=required`): a predecessor must answer; if
+//!   none does, or the hand-over fails, the new process exits 1 and nothing
+//!   changed. For upgrades by hand.
+//! * `--upgrade=auto`: take over when a predecessor answers, otherwise start
+//!   normally (bind the sockets). "No predecessor" is decided by the
+//!   connect(2) to the upgrade socket alone ([`no_predecessor`]): the file
+//!   does not exist (`ENOENT`), or nothing listens on it (`ECONNREFUSED`: a
+//!   file left by a process that exited or crashed; a draining process has
+//!   closed it too). Any other error — permission denied, a predecessor
+//!   that answered but whose hand-over failed, a timeout — stops the start
+//!   (exit 1) and never falls back to binding: a fresh start beside a live
+//!   cyan would fail on its ports anyway, and must not look like success.
+//!   This is the mode of the systemd template unit.
+//!
+//! Under systemd (`Type=notify`) the process reports `READY=1` once it
+//! serves (after telling its predecessor READY) and `STOPPING=1` when its
+//! drain starts ([`notify_systemd`]), so `systemctl start` returns when the
+//! new process serves and the old unit shows `deactivating` while it
+//! drains.
+//!
+//! # Operator procedure with systemd (`deploy/systemd/cyan@.service`)
+//!
+//! Two instances of one template unit, `cyan@a` and `cyan@b`, share the
+//! binary, `/etc/cyan/cyan.toml` (which must set
+//! `upgrade_socket = "/run/cyan/upgrade.sock"`), `/var/lib/cyan` and
+//! `/run/cyan`. Exactly one of them runs and is enabled; an upgrade starts
+//! the other one, which takes the sockets over, and the old one drains and
+//! exits 0, so its unit goes `inactive` with result `success` and is not
+//! restarted (`Restart=on-failure`).
+//!
+//! ```sh
+//! # first start
+//! systemctl enable --now cyan@a
+//! # which instance runs (and which binary version serves)
+//! systemctl is-active cyan@a cyan@b; cyan ctl status | head -1
+//! # upgrade (cyan@a runs): keep the running binary, install the new one,
+//! # start the other instance; it returns once cyan@b serves
+//! install -m 0755 /usr/local/bin/cyan /usr/local/bin/cyan.prev
+//! install -m 0755 ./cyan /usr/local/bin/cyan
+//! systemctl start cyan@b
+//! systemctl enable cyan@b && systemctl disable cyan@a
+//! # rollback: the same hand-over back to the previous binary
+//! install -m 0755 /usr/local/bin/cyan.prev /usr/local/bin/cyan
+//! systemctl start cyan@a
+//! systemctl enable cyan@a && systemctl disable cyan@b
+//! ```
+//!
+//! If the new process fails before it serves, `systemctl start` fails and
+//! the old instance keeps serving (`systemctl stop cyan@b` ends the retries
+//! of `Restart=on-failure`). Config changes stay `systemctl reload
+//! cyan@X` (SIGHUP) on the running instance. README.md ("Upgrading cyan
+//! itself") has the whole procedure.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
@@ -54,14 +104,64 @@ impl Inherited {
 }
 
 /// Asks the running cyan for its sockets. Returns them and the connection
-/// on which to say READY.
+/// on which to say READY. Any failure, "nobody runs" included, is an error
+/// (`cyan run --upgrade`).
 pub fn request(path: &Path) -> std::io::Result<(Inherited, UnixStream)> {
-    let stream = UnixStream::connect(path).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot reach the running cyan at {}: {e}", path.display()),
-        )
-    })?;
+    let stream = UnixStream::connect(path).map_err(|e| unreachable_error(path, e))?;
+    exchange(stream)
+}
+
+/// What [`request_if_running`] found.
+#[derive(Debug)]
+pub enum Takeover {
+    /// A running cyan handed its sockets over: serve on them, then say
+    /// [`ready`] on the stream.
+    HandedOver(Inherited, UnixStream),
+    /// No cyan runs on this upgrade socket (see [`no_predecessor`]); the
+    /// connect error says which case.
+    NoPredecessor(std::io::Error),
+}
+
+/// `cyan run --upgrade=auto`: like [`request`], except that "nobody runs"
+/// ([`no_predecessor`]) is an answer, not an error. A predecessor that
+/// accepted the connection but whose hand-over then failed is an error.
+pub fn request_if_running(path: &Path) -> std::io::Result<Takeover> {
+    match UnixStream::connect(path) {
+        Ok(stream) => {
+            let (inherited, stream) = exchange(stream)?;
+            Ok(Takeover::HandedOver(inherited, stream))
+        }
+        Err(e) if no_predecessor(&e) => Ok(Takeover::NoPredecessor(e)),
+        Err(e) => Err(unreachable_error(path, e)),
+    }
+}
+
+/// Whether a failed connect(2) to the upgrade socket proves that no cyan
+/// serves on it: the file does not exist (`ENOENT`, the directory neither),
+/// or nothing listens on it (`ECONNREFUSED`: a stale socket file; Linux says
+/// the same of a file that is no socket, which the normal start then
+/// refuses to replace). Everything else (`EACCES`, a timeout, …) proves
+/// nothing. A full backlog makes connect(2) wait, not fail. A live cyan
+/// listens on its upgrade socket from the end of its start until its drain
+/// begins. Before that window it already holds its ports (no SO_REUSEPORT),
+/// so the normal start that follows fails (exit 1); after it, it is leaving
+/// with its listening sockets closed, and a normal start is what is wanted.
+pub fn no_predecessor(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+fn unreachable_error(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(
+        e.kind(),
+        format!("cannot reach the running cyan at {}: {e}", path.display()),
+    )
+}
+
+/// The hand-over, on a connected upgrade socket.
+fn exchange(stream: UnixStream) -> std::io::Result<(Inherited, UnixStream)> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     (&stream).write_all(HELLO.as_bytes())?;
     let mut data = vec![0u8; 64 * 1024];
@@ -79,6 +179,12 @@ pub fn request(path: &Path) -> std::io::Result<(Inherited, UnixStream)> {
         if let RecvAncillaryMessage::ScmRights(rights) = msg {
             fds.extend(rights);
         }
+    }
+    if got.bytes == 0 && fds.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the running cyan closed the hand-over without sending its sockets",
+        ));
     }
     let names: Vec<String> = serde_json::from_slice(data[..got.bytes].trim_ascii())
         .map_err(|e| std::io::Error::other(format!("bad hand-over message: {e}")))?;
@@ -141,5 +247,107 @@ pub fn hand_over(
         Ok(_) if line == READY => Ok(true),
         Ok(_) => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// Tells systemd about this process (`Type=notify`): `READY=1` once it
+/// serves, `STOPPING=1` when its drain starts, `STATUS=…` for `systemctl
+/// status`. Returns `Ok(false)` outside systemd (no `$NOTIFY_SOCKET`).
+pub fn notify_systemd(state: &str) -> std::io::Result<bool> {
+    match std::env::var_os("NOTIFY_SOCKET") {
+        Some(socket) => notify(&socket, state).map(|_| true),
+        None => Ok(false),
+    }
+}
+
+/// One datagram to the notification socket: a path, or `@name` for an
+/// abstract one.
+fn notify(socket: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+    let sock = UnixDatagram::unbound()?;
+    match socket.as_bytes().strip_prefix(b"@") {
+        #[cfg(target_os = "linux")]
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(state.as_bytes(), &addr)?;
+        }
+        #[cfg(not(target_os = "linux"))]
+        Some(_) => return Err(std::io::Error::other("abstract NOTIFY_SOCKET needs Linux")),
+        None => {
+            sock.send_to(state.as_bytes(), socket)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_missing_or_dead_socket_means_no_predecessor() {
+        let dir = std::env::temp_dir().join(format!("cyan-upgrade-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("upgrade.sock");
+        let _ = std::fs::remove_file(&path);
+
+        // No file.
+        match request_if_running(&path).unwrap() {
+            Takeover::NoPredecessor(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound),
+            other => panic!("{other:?}"),
+        }
+        // A stale file: bound once, nobody listens any more.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        match request_if_running(&path).unwrap() {
+            Takeover::NoPredecessor(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused)
+            }
+            other => panic!("{other:?}"),
+        }
+        // `--upgrade` stays strict.
+        assert!(request(&path).is_err());
+
+        // Something answers, then closes without handing anything over:
+        // an error, never "nobody runs".
+        std::fs::remove_file(&path).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            assert_eq!(line, HELLO);
+        });
+        let e = request_if_running(&path).unwrap_err();
+        assert!(!no_predecessor(&e), "{e}");
+        peer.join().unwrap();
+
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn notify_sends_one_datagram() {
+        let dir = std::env::temp_dir().join(format!("cyan-notify-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        notify(path.as_os_str(), "READY=1\nSTATUS=serving").unwrap();
+        let mut buf = [0u8; 64];
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=serving");
+
+        let name = format!("cyan-notify-unit-{}", std::process::id());
+        let addr = {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap()
+        };
+        let abstract_sock = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
+        notify(std::ffi::OsStr::new(&format!("@{name}")), "STOPPING=1").unwrap();
+        let n = abstract_sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STOPPING=1");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
