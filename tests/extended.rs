@@ -238,12 +238,26 @@ struct Slowloris {
     control: Control,
     proxy: SocketAddr,
     tls: SocketAddr,
-    baseline_p99: Duration,
+    /// The control client's latencies just before the current attack.
+    baseline: Latency,
     baseline_fds: usize,
     report: Report,
 }
 
 impl Slowloris {
+    /// Measures the control client's latencies with no attack (4 s), right
+    /// before one, so slow changes in the machine's load hit both windows.
+    async fn measure_baseline(&mut self) {
+        let from = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(4.0 * scale().clamp(0.5, 2.0))).await;
+        self.baseline = self.control.window(from, Instant::now());
+        assert!(
+            self.baseline.failed == 0 && self.baseline.n > 100,
+            "control baseline: {}",
+            self.baseline
+        );
+    }
+
     /// The rows every attack ends with: control p99 over the attack, the
     /// proxy alive and its descriptors back to baseline.
     async fn finish(&mut self, name: &str, from: Instant, to: Instant) {
@@ -252,7 +266,7 @@ impl Slowloris {
             eprintln!("control failures: {:#?}", self.control.failures());
             eprintln!("cyan log:\n{}", self.cyan.log_tail());
         }
-        let bound = self.baseline_p99 * 2;
+        let bound = self.baseline.p99 * 2;
         if lat.p99 > bound {
             eprintln!(
                 "{name}: control requests slower than {bound:?} (start offset, took): {:?}",
@@ -261,25 +275,31 @@ impl Slowloris {
         }
         self.report.row(
             &format!("slowloris {name}: control p99"),
-            format!("{lat}"),
+            format!("{lat}; baseline before it: {}", self.baseline),
             &format!("p99 <= 2x baseline ({}), 0 failed", ms_f(bound)),
             lat.p99 <= bound && lat.failed == 0 && lat.n > 0,
         );
+        // Quiet for a moment (its keep-alive connection and the pooled
+        // upstream one close), so every descriptor left would be a leak.
+        self.control.pause(true);
         let fds = self
             .cyan
             .fds_settle(self.baseline_fds, 0, Duration::from_secs(15))
             .await;
         let alive = self.cyan.alive() && self.cyan.serves().await;
+        self.control.pause(false);
+        tokio::time::sleep(Duration::from_millis(200)).await;
         self.report.row(
             &format!("slowloris {name}: after"),
             format!("alive {alive}, fds {fds} (baseline {})", self.baseline_fds),
-            "alive, fds back to baseline",
+            "alive, fds back to the idle baseline",
             alive && fds <= self.baseline_fds,
         );
     }
 
     /// Heads trickled a byte every 300 ms: cut at header_timeout.
     async fn heads(&mut self) {
+        self.measure_baseline().await;
         let n = scaled(3000, 100);
         let proxy = self.proxy;
         let from = Instant::now();
@@ -306,6 +326,7 @@ impl Slowloris {
     /// Bodies trickled (a byte every 500 ms, which keeps them alive), then
     /// stalled: cut at body_idle_timeout after the last byte, with a 408.
     async fn bodies(&mut self) {
+        self.measure_baseline().await;
         let n = scaled(1000, 50);
         let proxy = self.proxy;
         let from = Instant::now();
@@ -341,6 +362,7 @@ impl Slowloris {
     /// Large responses never read: dropped at send_timeout once the writes
     /// to the client stall.
     async fn slow_readers(&mut self) {
+        self.measure_baseline().await;
         let n = scaled(1000, 50);
         let len: u64 = 64 << 20;
         let open = |c: &Cyan| {
@@ -440,6 +462,7 @@ impl Slowloris {
     /// TLS connections that never send a ClientHello: cut at
     /// handshake_timeout.
     async fn silent_tls(&mut self) {
+        self.measure_baseline().await;
         let n = scaled(3000, 100);
         let tls = self.tls;
         let errors_before = self
@@ -534,27 +557,17 @@ idle_timeout = "2s"
     );
     let cyan = Cyan::start(dir.path(), ports, &config).await;
     let proxy = cyan.public;
-    let mut report = Report::default();
+    let report = Report::default();
+    let baseline_fds = cyan.idle_fds().await;
 
     let control = Control::start(proxy, Duration::from_millis(2));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let base_from = Instant::now();
-    tokio::time::sleep(Duration::from_secs_f64(5.0 * scale().min(2.0))).await;
-    let baseline = control.window(base_from, Instant::now());
-    let baseline_fds = cyan.fds();
-    eprintln!("baseline: {baseline}; cyan fds {baseline_fds}");
-    report.row(
-        "slowloris: control baseline",
-        format!("{baseline}"),
-        "measured before the attacks, 0 failed",
-        baseline.failed == 0 && baseline.n > 100,
-    );
     let mut run = Slowloris {
         cyan,
         control,
         proxy,
         tls: SocketAddr::from(([127, 0, 0, 1], ports.tls)),
-        baseline_p99: baseline.p99,
+        baseline: Latency::default(),
         baseline_fds,
         report,
     };
@@ -635,9 +648,8 @@ idle_timeout = "2s"
     let mut cyan = Cyan::start(dir.path(), ports, &config).await;
     let proxy = cyan.public;
     let mut report = Report::default();
+    let baseline_fds = cyan.idle_fds().await;
     assert!(cyan.serves().await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let baseline_fds = cyan.fds();
     // A keep-alive client connected before the flood holds one slot and
     // keeps being served (paced so its own cost stays small next to the
     // CPU bound below).
@@ -766,7 +778,7 @@ idle_timeout = "2s"
     report.row(
         "cap: after",
         format!("alive {alive}, fds {fds} (baseline {baseline_fds})"),
-        "alive, fds back to baseline",
+        "alive, fds back to the idle baseline",
         alive && fds <= baseline_fds,
     );
     let clean = cyan.stop().await;
@@ -846,8 +858,8 @@ listen = "127.0.0.1:{public}"
     let mut cyan = Cyan::start(dir.path(), ports, &config).await;
     let proxy = cyan.public;
     let mut report = Report::default();
+    let baseline_fds = cyan.idle_fds().await;
     assert!(cyan.serves().await);
-    let baseline_fds = cyan.fds();
     let n = scaled(100_000, 10_000);
     let n_edge = scaled(20_000, 2_000);
     for (green, count) in [
@@ -894,7 +906,7 @@ listen = "127.0.0.1:{public}"
     report.row(
         "split accuracy: after",
         format!("alive {alive}, fds {fds} (baseline {baseline_fds})"),
-        "alive, fds back to baseline",
+        "alive, fds back to the idle baseline",
         alive && fds <= baseline_fds,
     );
     cyan.stop().await;
@@ -925,9 +937,8 @@ idle_timeout = "2s"
     let mut cyan = Cyan::start(dir.path(), ports, &config).await;
     let proxy = cyan.public;
     let mut report = Report::default();
+    let baseline_fds = cyan.idle_fds().await;
     assert!(cyan.serves().await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let baseline_fds = cyan.fds();
     let generation = |v: &serde_json::Value| v["generation"].as_u64().unwrap_or(0);
     let (_, status) = cyan
         .admin(Method::GET, "/v1/status", None)
@@ -1070,7 +1081,7 @@ idle_timeout = "2s"
     report.row(
         "split storm: after",
         format!("alive {alive}, fds {fds} (baseline {baseline_fds})"),
-        "alive, fds back to baseline",
+        "alive, fds back to the idle baseline",
         alive && fds <= baseline_fds,
     );
     let clean = cyan.stop().await;

@@ -16,7 +16,8 @@
 #    - slowloris: 3,000 heads trickled a byte at a time, 1,000 bodies trickled
 #      then stalled, 1,000 responses never read, 3,000 TLS connections that
 #      never send a ClientHello; each closed by its timeout (2 s) within 1.5 s,
-#      while a control client keeps its p99 within 2x its baseline;
+#      while a control client keeps its p99 within 2x its baseline (measured
+#      for 4 s right before each attack);
 #    - connection cap: 3,000 idle connections against max_connections = 1,000:
 #      the excess waits in the backlog, no accept spin (proxy CPU), admin and
 #      metrics answer, a waiting client is served once the flood leaves;
@@ -26,7 +27,8 @@
 #      digest-checked upload load: nothing fails, RSS within +8 MiB after
 #      warm-up, descriptors back to baseline.
 #    Every scenario ends by checking the proxy is alive and its open
-#    descriptor count is back to its baseline.
+#    descriptor count is back to its idle baseline (taken right after start,
+#    compared once the clients are quiet and pooled connections expired).
 # 2. testssl.sh (Debian package `testssl.sh`, installed if missing) against
 #    `cyan run` with a TLS listener and a fresh RSA certificate: TLS 1.2/1.3
 #    only, AEAD + forward-secret suites only, server cipher order, ALPN h2 and

@@ -317,6 +317,14 @@ impl Cyan {
         matches!(http_get_once(self.public, "/").await, Ok((200, _)))
     }
 
+    /// The descriptor count once nothing is connected: measured right after
+    /// the start, before any request (no client or pooled upstream
+    /// connection yet).
+    pub async fn idle_fds(&self) -> usize {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.fds()
+    }
+
     /// Waits (up to `within`) for the descriptor count to come back to at
     /// most `baseline + slack`; returns the last count seen.
     pub async fn fds_settle(&self, baseline: usize, slack: usize, within: Duration) -> usize {
@@ -449,6 +457,7 @@ impl std::fmt::Display for Latency {
 #[derive(Debug)]
 pub struct Control {
     samples: Arc<Mutex<Vec<Sample>>>,
+    paused: Arc<AtomicBool>,
     /// The first few failures, described.
     failures: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
@@ -462,10 +471,20 @@ impl Control {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, st, fl) = (samples.clone(), stop.clone(), failures.clone());
+        let paused = Arc::new(AtomicBool::new(false));
+        let (s, st, fl, pa) = (
+            samples.clone(),
+            stop.clone(),
+            failures.clone(),
+            paused.clone(),
+        );
         let task = rt.handle().spawn(async move {
             let client = h1_client();
             while !st.load(Ordering::SeqCst) {
+                if pa.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
                 let req = http::Request::get(format!("http://{proxy}/"))
                     .body(empty())
                     .unwrap();
@@ -502,6 +521,7 @@ impl Control {
         });
         Control {
             samples,
+            paused,
             failures,
             stop,
             task,
@@ -548,6 +568,12 @@ impl Control {
             .filter(|s| s.at >= from && s.at < to && s.took > over)
             .map(|s| (s.at - from, s.took))
             .collect()
+    }
+
+    /// Stops (or resumes) sending; its keep-alive connection stays until
+    /// the proxy closes it.
+    pub fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
     }
 
     /// The first few failures seen, described.
