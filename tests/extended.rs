@@ -297,14 +297,14 @@ impl Slowloris {
         );
     }
 
-    /// Heads trickled a byte every 300 ms: cut at header_timeout.
+    /// Heads trickled a byte a second: cut at header_timeout.
     async fn heads(&mut self) {
         self.measure_baseline().await;
         let n = scaled(3000, 100);
         let proxy = self.proxy;
         let from = Instant::now();
         let fates = swarm(n, Duration::from_secs(2), |_| {
-            trickle_head(proxy, Duration::from_millis(300))
+            trickle_head(proxy, Duration::from_millis(1000))
         })
         .await;
         let to = Instant::now();
