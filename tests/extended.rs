@@ -282,19 +282,15 @@ impl Slowloris {
         // Quiet for a moment (its keep-alive connection and the pooled
         // upstream one close), so every descriptor left would be a leak.
         self.control.pause(true);
-        let fds = self
-            .cyan
-            .fds_settle(self.baseline_fds, 0, Duration::from_secs(15))
+        self.report
+            .after(
+                &format!("slowloris {name}"),
+                &mut self.cyan,
+                self.baseline_fds,
+            )
             .await;
-        let alive = self.cyan.alive() && self.cyan.serves().await;
         self.control.pause(false);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        self.report.row(
-            &format!("slowloris {name}: after"),
-            format!("alive {alive}, fds {fds} (baseline {})", self.baseline_fds),
-            "alive, fds back to the idle baseline",
-            alive && fds <= self.baseline_fds,
-        );
     }
 
     /// Heads trickled a byte a second: cut at header_timeout.
@@ -590,13 +586,7 @@ idle_timeout = "2s"
         ..
     } = run;
     control.stop().await;
-    let clean = cyan.stop().await;
-    report.row(
-        "slowloris: shutdown",
-        format!("exit 0 on SIGTERM: {clean}"),
-        "clean exit",
-        clean,
-    );
+    report.shutdown("slowloris", cyan).await;
     report.finish();
 }
 
@@ -771,23 +761,8 @@ idle_timeout = "2s"
     );
     drop(queued);
     control.stop().await;
-    let fds = cyan
-        .fds_settle(baseline_fds, 0, Duration::from_secs(15))
-        .await;
-    let alive = cyan.alive() && cyan.serves().await;
-    report.row(
-        "cap: after",
-        format!("alive {alive}, fds {fds} (baseline {baseline_fds})"),
-        "alive, fds back to the idle baseline",
-        alive && fds <= baseline_fds,
-    );
-    let clean = cyan.stop().await;
-    report.row(
-        "cap: shutdown",
-        format!("exit 0 on SIGTERM: {clean}"),
-        "clean exit",
-        clean,
-    );
+    report.after("cap", &mut cyan, baseline_fds).await;
+    report.shutdown("cap", cyan).await;
     report.finish();
 }
 
@@ -899,16 +874,9 @@ listen = "127.0.0.1:{public}"
             );
         }
     }
-    let fds = cyan
-        .fds_settle(baseline_fds, 0, Duration::from_secs(15))
+    report
+        .after("split accuracy", &mut cyan, baseline_fds)
         .await;
-    let alive = cyan.alive() && cyan.serves().await;
-    report.row(
-        "split accuracy: after",
-        format!("alive {alive}, fds {fds} (baseline {baseline_fds})"),
-        "alive, fds back to the idle baseline",
-        alive && fds <= baseline_fds,
-    );
     cyan.stop().await;
     report.finish();
 }
@@ -1074,22 +1042,7 @@ idle_timeout = "2s"
         "growth <= 8 MiB",
         rss_warm > 0 && grew <= 8 << 20,
     );
-    let fds = cyan
-        .fds_settle(baseline_fds, 0, Duration::from_secs(15))
-        .await;
-    let alive = cyan.alive() && cyan.serves().await;
-    report.row(
-        "split storm: after",
-        format!("alive {alive}, fds {fds} (baseline {baseline_fds})"),
-        "alive, fds back to the idle baseline",
-        alive && fds <= baseline_fds,
-    );
-    let clean = cyan.stop().await;
-    report.row(
-        "split storm: shutdown",
-        format!("exit 0 on SIGTERM: {clean}"),
-        "clean exit",
-        clean,
-    );
+    report.after("split storm", &mut cyan, baseline_fds).await;
+    report.shutdown("split storm", cyan).await;
     report.finish();
 }

@@ -85,6 +85,32 @@ impl Report {
     pub fn finish(self) {
         assert!(self.failed.is_empty(), "failed: {:#?}", self.failed);
     }
+
+    /// The `<scenario>: after` row every scenario ends with: cyan still
+    /// running and serving, its descriptors back to the idle baseline.
+    pub async fn after(&mut self, scenario: &str, cyan: &mut Cyan, baseline_fds: usize) {
+        let fds = cyan
+            .fds_settle(baseline_fds, 0, Duration::from_secs(15))
+            .await;
+        let alive = cyan.alive() && cyan.serves().await;
+        self.row(
+            &format!("{scenario}: after"),
+            format!("alive {alive}, fds {fds} (baseline {baseline_fds})"),
+            "alive, fds back to the idle baseline",
+            alive && fds <= baseline_fds,
+        );
+    }
+
+    /// The `<scenario>: shutdown` row: cyan exits 0 on SIGTERM.
+    pub async fn shutdown(&mut self, scenario: &str, cyan: Cyan) {
+        let clean = cyan.stop().await;
+        self.row(
+            &format!("{scenario}: shutdown"),
+            format!("exit 0 on SIGTERM: {clean}"),
+            "clean exit",
+            clean,
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
