@@ -58,6 +58,9 @@ pub struct IdleProbe {
     /// `finished` as it was when bytes were last read.
     finished_at_read: AtomicU64,
     /// Request bodies handed to the proxy and not yet read to their end.
+    /// A body left unread (answered without it, or cut short) never ends:
+    /// hyper then keeps the connection for the rest of its life, which
+    /// costs its buffers but can never parse body bytes as a request.
     bodies_open: AtomicU32,
     /// A protocol upgrade was requested: the socket stays with hyper.
     pinned: AtomicBool,

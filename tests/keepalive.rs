@@ -266,3 +266,120 @@ async fn body_after_answer(
         "{host} chunked={chunked}: the body was served as a request: {more:?}"
     );
 }
+
+/// A backend that answers at once, then reads the request body to its end
+/// (`Content-Length` only) and reports it. It serves one request per
+/// connection and counts the requests it saw.
+async fn answer_then_read_body() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let end = loop {
+                    if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+                let mut body = got[end..].to_vec();
+                while body.len() < len {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => body.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tx.send(body);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The backend answers before the body has come and then reads it: the
+/// proxy is still streaming the client's body upstream when the answer is
+/// done, and hyper's last read of the client came before that. The
+/// connection must not be released then: the rest of the body (which looks
+/// like a request) goes to the backend as body, never served as a request.
+#[tokio::test]
+async fn a_body_still_streaming_upstream_keeps_the_connection() {
+    let (backend, mut bodies) = answer_then_read_body().await;
+    let text = format!(
+        r#"
+[[listener]]
+name = "public"
+listen = "127.0.0.1:0"
+
+[[service]]
+name = "app"
+hosts = ["app.example"]
+blue  = {{ endpoints = ["{backend}"] }}
+green = {{ endpoints = ["{backend}"] }}
+"#
+    );
+    let cfg = cyan::config::Config::parse(&text).unwrap();
+    let (_server, proxy) = start_proxy(&cfg).await;
+    let smuggled: &[u8] = b"GET /smuggled HTTP/1.1\r\nHost: app.example\r\n\r\n";
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: app.example\r\nContent-Length: {}\r\n\r\nx",
+        1 + smuggled.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(r.len(), 1, "answered");
+    assert!(r[0].starts_with("HTTP/1.1 200"), "{}", r[0]);
+    assert_eq!(body_of(&r[0]), "early");
+    // Longer than the release linger: a release would happen now.
+    tokio::time::sleep(PAUSE).await;
+    s.write_all(smuggled).await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(5), bodies.recv())
+        .await
+        .expect("the backend got the whole body")
+        .unwrap();
+    let mut want = b"x".to_vec();
+    want.extend_from_slice(smuggled);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        String::from_utf8_lossy(&want),
+        "the rest of the body went upstream as body"
+    );
+    let more = read_responses(&mut s, 1, Duration::from_millis(500)).await;
+    assert!(
+        more.is_empty(),
+        "the body was served as a request: {more:?}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), bodies.recv())
+            .await
+            .is_err(),
+        "no second request reached the backend"
+    );
+    // The connection goes on serving.
+    s.write_all(b"POST /next HTTP/1.1\r\nHost: app.example\r\nContent-Length: 2\r\n\r\nok")
+        .await
+        .unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(r.len(), 1, "the connection still serves");
+    assert!(r[0].starts_with("HTTP/1.1 200"), "{}", r[0]);
+}
