@@ -570,10 +570,13 @@ async fn reloads_under_load_keep_the_split_and_reject_bad_configs() {
     assert_eq!(svc.pool(cyan::config::Color::Green).endpoints.len(), 2);
     let generation = t.generation;
 
-    // Invalid reloads: syntax error, bad value, unreadable file.
+    // Invalid reloads: syntax error, bad value, a file truncated mid-write
+    // (cut inside a key), unreadable file.
+    let cut = text.find("candidate_percent").unwrap() + "candidate_pe".len();
     let bad = [
         text.replace("[[service]]", "[[service]"),
         text.replace("candidate_percent = 0", "candidate_percent = 300"),
+        text[..cut].to_string(),
     ];
     for b in &bad {
         std::fs::write(&path, b).unwrap();
@@ -592,7 +595,7 @@ async fn reloads_under_load_keep_the_split_and_reject_bad_configs() {
     );
     assert_eq!(
         metric(&app.server, "cyan_config_reloads_total", &["failure"]),
-        3.0
+        4.0
     );
     assert_eq!(
         metric(&app.server, "cyan_config_reloads_total", &["success"]),
@@ -605,7 +608,7 @@ async fn reloads_under_load_keep_the_split_and_reject_bad_configs() {
         .iter()
         .filter(|e| e["action"] == "reload_rejected")
         .count();
-    assert_eq!(rejected, 3);
+    assert_eq!(rejected, 4);
 
     let (_, not_served, c5, broken) = load.stop().await;
     assert_eq!(
