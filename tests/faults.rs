@@ -119,18 +119,20 @@ struct KillRun {
 /// Green (a child process, answers held back `green_delay_ms`) takes 10 %
 /// next to an in-process blue under `workers` verified workers; after a
 /// clean warm-up green is SIGKILLed, and the load goes on until the
-/// rollback and a while after.
+/// rollback and a while after. `service_tables` is added to the service
+/// (defaults otherwise).
 async fn kill_green_under_load(
     tag: &str,
     workers: usize,
     mix: Mix,
     green_delay_ms: u64,
+    service_tables: &str,
 ) -> KillRun {
     let dir = tmpdir(tag);
     let blue = LocalBackend::start("blue", Duration::ZERO).await;
     let mut green = ChildBackend::spawn("green", green_delay_ms).await;
     let text = with_endpoints(
-        &app_config(&dir, 10.0, &[], &[], "", "", ""),
+        &app_config(&dir, 10.0, &[], &[], "", "", service_tables),
         &[blue.addr],
         &[green.addr],
     );
@@ -279,7 +281,14 @@ async fn green_killed_mid_load_is_rolled_back_and_only_its_in_flight_requests_fa
         pause_ms: 30,
         timeout: Duration::from_secs(5),
     };
-    let run = kill_green_under_load("kill-mixed", 8, mix, 60).await;
+    // Passive ejection needs one error more than the workers can have in
+    // flight on green when it dies: green is ejected only after at least
+    // one request has failed to connect to it, so the connect-failure
+    // retry is exercised in every run. (With the default of 5, the
+    // in-flight failures alone could eject green before any request tried
+    // to connect: seen once in 40 runs.)
+    let health = format!("[service.health]\neject_after = {}", 8 + 1);
+    let run = kill_green_under_load("kill-mixed", 8, mix, 60, &health).await;
     let took = run.rollback.expect("rolled back to 0 % green");
     let failures = run.failures();
     let in_flight = run.in_flight_on_green();
@@ -360,7 +369,7 @@ async fn posts_in_flight_on_a_killed_green_are_never_sent_twice() {
     // Blue answers at once, green after 100 ms (its p99 stays below the
     // latency trigger's 250 ms floor): most workers wait on green at any
     // moment.
-    let run = kill_green_under_load("kill-post", 8, mix, 100).await;
+    let run = kill_green_under_load("kill-post", 8, mix, 100, "").await;
     let in_flight = run.in_flight_on_green();
     let failures = run.failures();
     let posts = run.records.iter().filter(|r| r.post).count();
