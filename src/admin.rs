@@ -316,7 +316,7 @@ pub(crate) fn bind_unix(path: &Path) -> Result<UnixListener, AdminError> {
                     path: path.to_path_buf(),
                 });
             }
-            tracing::info!(path = %path.display(), "replacing a stale admin socket");
+            tracing::info!(path = %path.display(), "replacing a stale socket");
             std::fs::remove_file(path).map_err(sock_err)?;
         }
         Ok(_) => {

@@ -3,6 +3,7 @@
 //! Exit codes: 0 ok, 1 error (including a refused request), 2 usage,
 //! 3 conflict (stale `--if-generation`: nothing changed).
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use bytes::Bytes;
@@ -59,6 +60,23 @@ pub struct Options {
     pub json: bool,
 }
 
+/// Writes the answer to stdout in one go. A reader that went away (`cyan
+/// ctl status | head -1`) is not an error: the answer was delivered as far
+/// as anyone wanted it (`println!` would panic on the broken pipe).
+fn emit(out: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(out.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
+/// One line of human output.
+fn line(out: &mut String, args: std::fmt::Arguments<'_>) {
+    let _ = out.write_fmt(args);
+    out.push('\n');
+}
+
 /// Exit codes.
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_ERROR: u8 = 1;
@@ -73,14 +91,14 @@ pub async fn run(target: &Target, verb: &Verb, opts: &Options) -> u8 {
             EXIT_ERROR
         }
         Ok((status, value)) => {
+            let mut out = String::new();
             if opts.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&value).unwrap_or_default()
-                );
+                out = serde_json::to_string_pretty(&value).unwrap_or_default();
+                out.push('\n');
             } else if status.is_success() {
-                print_human(verb, &value);
+                render_human(&mut out, verb, &value);
             }
+            emit(&out);
             if status.is_success() {
                 EXIT_OK
             } else {
@@ -229,12 +247,15 @@ where
     Ok((status, value))
 }
 
-fn print_human(verb: &Verb, v: &Value) {
+fn render_human(out: &mut String, verb: &Verb, v: &Value) {
     match verb {
-        Verb::Status => print_status(v),
-        Verb::Events { .. } => print_events(v),
-        Verb::Reload => println!("reloaded: generation {}", v["generation"]),
-        Verb::Rollout { op, .. } if op == "status" => print_rollout(v),
+        Verb::Status => render_status(out, v),
+        Verb::Events { .. } => render_events(out, v),
+        Verb::Reload => line(
+            out,
+            format_args!("reloaded: generation {}", v["generation"]),
+        ),
+        Verb::Rollout { op, .. } if op == "status" => render_rollout(out, v),
         _ => {
             let result = v["result"].as_str().unwrap_or("?");
             let what = if result == "no_change" {
@@ -242,27 +263,29 @@ fn print_human(verb: &Verb, v: &Value) {
             } else {
                 "applied"
             };
-            println!("{what}: generation {}", v["generation"]);
+            let _ = writeln!(out, "{what}: generation {}", v["generation"]);
             if v["service"].is_object() {
-                print_services(std::slice::from_ref(&v["service"]));
+                render_services(out, std::slice::from_ref(&v["service"]));
             }
         }
     }
 }
 
-fn print_status(v: &Value) {
-    println!(
+fn render_status(out: &mut String, v: &Value) {
+    let _ = writeln!(
+        out,
         "generation {}   cyan {}",
         v["generation"],
         v["version"].as_str().unwrap_or("")
     );
     let services = v["services"].as_array().cloned().unwrap_or_default();
-    print_services(&services);
+    render_services(out, &services);
 }
 
-fn print_services(services: &[Value]) {
-    println!();
-    println!(
+fn render_services(out: &mut String, services: &[Value]) {
+    out.push('\n');
+    let _ = writeln!(
+        out,
         "{:<20} {:<7} {:<10} {:>9}  {:<12} {:<12}",
         "SERVICE", "STABLE", "CANDIDATE", "CANDIDATE%", "BLUE", "GREEN"
     );
@@ -274,7 +297,8 @@ fn print_services(services: &[Value]) {
                 .unwrap_or_default();
             format!("{}/{} up", s["pools"][c]["eligible"], eps.len())
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{:<20} {:<7} {:<10} {:>9.2}%  {:<12} {:<12}",
             s["name"].as_str().unwrap_or(""),
             s["stable"].as_str().unwrap_or(""),
@@ -291,7 +315,8 @@ fn print_services(services: &[Value]) {
             {
                 let state = e["state"].as_str().unwrap_or("");
                 let mark = if state == "up" { "" } else { "  <--" };
-                println!(
+                let _ = writeln!(
+                    out,
                     "    {:<6} {:<24} {:<8} in-flight {}{mark}",
                     c,
                     e["address"].as_str().unwrap_or(""),
@@ -303,47 +328,53 @@ fn print_services(services: &[Value]) {
     }
 }
 
-fn print_rollout(v: &Value) {
-    println!(
+fn render_rollout(out: &mut String, v: &Value) {
+    let _ = writeln!(
+        out,
         "{}: candidate at {:.2}%  (generation {})",
         v["service"].as_str().unwrap_or(""),
         v["candidate_percent"].as_f64().unwrap_or(0.0),
         v["generation"]
     );
     match &v["rollout"] {
-        Value::Null => println!("no rollout running"),
-        r => println!(
-            "rollout: step {} of {} ({}%), held {:.0}s of {:.0}s{}",
-            r["step"].as_u64().unwrap_or(0) + 1,
-            r["steps"].as_array().map_or(0, |a| a.len()),
-            r["percent"],
-            r["held_seconds"].as_f64().unwrap_or(0.0),
-            r["hold_seconds"].as_f64().unwrap_or(0.0),
-            if r["paused"].as_bool() == Some(true) {
-                "  PAUSED"
-            } else {
-                ""
-            }
+        Value::Null => line(out, format_args!("no rollout running")),
+        r => line(
+            out,
+            format_args!(
+                "rollout: step {} of {} ({}%), held {:.0}s of {:.0}s{}",
+                r["step"].as_u64().unwrap_or(0) + 1,
+                r["steps"].as_array().map_or(0, |a| a.len()),
+                r["percent"],
+                r["held_seconds"].as_f64().unwrap_or(0.0),
+                r["hold_seconds"].as_f64().unwrap_or(0.0),
+                if r["paused"].as_bool() == Some(true) {
+                    "  PAUSED"
+                } else {
+                    ""
+                }
+            ),
         ),
     }
     if let Some(reason) = v["rolled_back"]["reason"].as_str() {
-        println!(
+        let _ = writeln!(
+            out,
             "ROLLED BACK at {}: {reason}",
             v["rolled_back"]["at"].as_str().unwrap_or("")
         );
     }
     if let Some(plan) = v["plan"].as_object() {
-        println!(
+        let _ = writeln!(
+            out,
             "plan: steps {} hold {} ({} preflight checks)",
             plan["steps"], plan["hold"], plan["preflight_checks"]
         );
     }
 }
 
-fn print_events(v: &Value) {
+fn render_events(out: &mut String, v: &Value) {
     let events = v["events"].as_array().cloned().unwrap_or_default();
     if events.is_empty() {
-        println!("no events");
+        let _ = writeln!(out, "no events");
         return;
     }
     for e in events {
@@ -357,7 +388,8 @@ fn print_events(v: &Value) {
             ),
             _ => String::new(),
         };
-        println!(
+        let _ = writeln!(
+            out,
             "#{:<5} {}  gen {:<5} {:<9} {:<16} {:<12} {:<28} {}{}",
             e["seq"],
             e["time"].as_str().unwrap_or(""),

@@ -185,8 +185,11 @@ fn init_tracing(format: LogFormat) {
     // from health checkers and load tools): errors only, unless asked.
     let filter =
         EnvFilter::try_from_env("CYAN_LOG").unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
+    // Colours only on a terminal: under systemd (or any pipe) escape codes
+    // would end up in the journal and the log files as bytes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

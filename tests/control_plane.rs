@@ -628,10 +628,11 @@ async fn binary_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
     let path = dir.join("cyan.toml");
     let text = cp_config(&dir, 0.0, "", &b, &g);
     std::fs::write(&path, &text).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
         .args(["run", "--config"])
         .arg(&path)
-        .env("CYAN_LOG", "warn")
+        .env("CYAN_LOG", "info")
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -665,12 +666,17 @@ async fn binary_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
     assert!(reloaded, "SIGHUP reloaded the config");
 
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
         .await
         .expect("exits")
         .unwrap();
-    assert!(status.success(), "{status:?}");
+    assert!(out.status.success(), "{:?}", out.status);
     assert!(!sock.exists(), "the socket is removed on exit");
+    // The log went to a pipe (as to journald under systemd): plain text,
+    // no terminal colour codes.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("reload"), "the reload was logged: {log}");
+    assert!(!log.contains('\x1b'), "escape codes in a piped log: {log:?}");
 }
 
 /// A keep-alive HTTP/1.1 sender over TLS to `proxy` with SNI `reload.test`,
@@ -946,6 +952,31 @@ async fn ctl_binary_end_to_end() {
             }),
             "an endpoint line for {color} {ep}: {out}"
         );
+    }
+
+    // `cyan ctl status | head -1`: a reader that leaves early is not an
+    // error (the output used to panic on the broken pipe, exit 101).
+    for _ in 0..5 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
+            .args(["ctl", "--socket", sock, "status"])
+            .env_remove("CYAN_ADMIN_SOCKET")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The read end closes before cyan has its answer to print.
+        drop(child.stdout.take());
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "status into a closed pipe: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
     }
 
     let (code, out, err) = cyan_bin(&[
