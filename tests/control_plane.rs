@@ -676,7 +676,10 @@ async fn binary_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
     // no terminal colour codes.
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("reload"), "the reload was logged: {log}");
-    assert!(!log.contains('\x1b'), "escape codes in a piped log: {log:?}");
+    assert!(
+        !log.contains('\x1b'),
+        "escape codes in a piped log: {log:?}"
+    );
 }
 
 /// A keep-alive HTTP/1.1 sender over TLS to `proxy` with SNI `reload.test`,
