@@ -214,8 +214,7 @@ COMMON_DIRECTIVES=('DynamicUser=yes' 'User=cyan' 'AmbientCapabilities=CAP_NET_BI
     'SystemCallArchitectures=native' 'UMask=0077' 'StateDirectory=cyan' 'RuntimeDirectory=cyan'
     'ConfigurationDirectory=cyan'
     'ExecStartPre=/usr/local/bin/cyan check --config /etc/cyan/cyan.toml'
-    'ExecReload=/usr/local/bin/cyan check --config /etc/cyan/cyan.toml'
-    'ExecReload=/bin/kill -HUP $MAINPID' 'KillSignal=SIGTERM' 'TimeoutStopSec=35'
+    'ExecReload=/usr/local/bin/cyan ctl reload' 'KillSignal=SIGTERM' 'TimeoutStopSec=35'
     'Restart=on-failure' 'LimitNOFILE=')
 check "systemd/cyan.service has the required directives" unit_directives systemd/cyan.service \
     "${COMMON_DIRECTIVES[@]}" 'Type=exec' \
