@@ -191,9 +191,64 @@ fn init_tracing(format: LogFormat) {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    let journal = stderr_is_journal();
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder
+            .map_event_format(|inner| JournalPriority { inner, journal })
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .map_event_format(|inner| JournalPriority { inner, journal })
+            .init(),
+    }
+}
+
+/// Whether stderr is systemd's journal stream: `JOURNAL_STREAM` names its
+/// device and inode (systemd.exec(5)); a stderr redirected elsewhere by a
+/// child of the service does not match.
+fn stderr_is_journal() -> bool {
+    let Some(want) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(st) = rustix::fs::fstat(std::io::stderr()) else {
+        return false;
+    };
+    want.to_str() == Some(&format!("{}:{}", st.st_dev, st.st_ino))
+}
+
+/// Prefixes each log line with its syslog priority (`<3>` error, `<4>`
+/// warning, `<6>` info, `<7>` debug) when stderr is the journal, which
+/// reads the prefix as the entry's PRIORITY (sd-daemon(3)): `journalctl -p
+/// warning -u cyan` then shows cyan's warnings and errors, not every line
+/// at "info".
+struct JournalPriority<F> {
+    inner: F,
+    journal: bool,
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalPriority<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        if self.journal {
+            let priority = match *event.metadata().level() {
+                tracing::Level::ERROR => 3,
+                tracing::Level::WARN => 4,
+                tracing::Level::INFO => 6,
+                _ => 7,
+            };
+            write!(writer, "<{priority}>")?;
+        }
+        self.inner.format_event(ctx, writer, event)
     }
 }
 

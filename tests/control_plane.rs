@@ -682,6 +682,89 @@ async fn binary_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
     );
 }
 
+/// Under systemd (stderr is the journal stream named by JOURNAL_STREAM) each
+/// log line carries its syslog priority, so `journalctl -p err` finds
+/// cyan's errors; with stderr anywhere else, lines are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_carry_their_priority_when_stderr_is_the_journal() {
+    use std::io::Read;
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    for journal in [true, false] {
+        let dir = tmpdir(if journal { "journal" } else { "no-journal" });
+        let path = dir.join("cyan.toml");
+        let text = cp_config(&dir, 0.0, "", &b, &g);
+        std::fs::write(&path, &text).unwrap();
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let st = rustix::fs::fstat(&writer).unwrap();
+        let stream = if journal {
+            format!("{}:{}", st.st_dev, st.st_ino)
+        } else {
+            format!("{}:{}", st.st_dev, st.st_ino + 1)
+        };
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("CYAN_LOG", "info")
+            .env("JOURNAL_STREAM", &stream)
+            .stderr(writer)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let sock = dir.join("admin.sock");
+        assert!(
+            eventually(Duration::from_secs(10), || sock.exists()).await,
+            "admin socket appears"
+        );
+        // A rejected reload is logged as an error.
+        std::fs::write(&path, text.replace("[[service]]", "[[service]")).unwrap();
+        let pid = rustix::process::Pid::from_raw(child.id().unwrap() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+        let mut rejected = false;
+        for _ in 0..100 {
+            let (_, v) = admin(&dir, Method::GET, "/v1/events?since=0&limit=100", None).await;
+            if v["events"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["action"] == "reload_rejected"))
+            {
+                rejected = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(rejected, "SIGHUP with a broken config was rejected");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("exits")
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        let mut log = String::new();
+        reader.read_to_string(&mut log).unwrap();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.starts_with(' ')).collect();
+        assert!(lines.len() >= 3, "{log}");
+        let rejected = lines
+            .iter()
+            .find(|l| l.contains("ERROR"))
+            .unwrap_or_else(|| panic!("the rejected reload was logged as an error: {log}"));
+        if journal {
+            assert!(rejected.starts_with("<3>"), "{rejected}");
+            assert!(
+                lines
+                    .iter()
+                    .filter(|l| l.contains(" INFO "))
+                    .all(|l| l.starts_with("<6>")),
+                "{log}"
+            );
+            assert!(
+                lines.iter().all(|l| l.starts_with('<')),
+                "every line has a priority: {log}"
+            );
+        } else {
+            assert!(!log.contains("<3>") && !log.contains("<6>"), "{log}");
+        }
+    }
+}
+
 /// A keep-alive HTTP/1.1 sender over TLS to `proxy` with SNI `reload.test`,
 /// and the certificate the server presented.
 async fn tls_keepalive(
