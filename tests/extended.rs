@@ -503,11 +503,33 @@ async fn slowloris() {
     assert!(limit >= 15_000, "descriptor limit {limit} is too low");
     let dir = TempDir::new("ext-slow");
     let cert = TestCert::generate(dir.path(), "tls", &["localhost"]);
+    // Placement (2 CPUs or more): the measured path (cyan with one worker,
+    // the control client and its backends) on CPU 0, the attack clients
+    // (this test's runtime) and the slow readers' backend on CPU 1. The
+    // control p99 then measures what the attacks cost cyan, not the attack
+    // clients' own CPU: on 2 CPUs shared by all, thousands of attacker
+    // sockets made the control client's p99 swing 2-3x run to run with 12
+    // ms scheduling stalls. Without taskset or with one CPU: unpinned.
+    let pin = ProcessPin::to(1);
+    let placed = pin.is_some();
+    let (path_cpu, attack_cpu) = if placed {
+        (Some(0), Some(1))
+    } else {
+        (None, None)
+    };
+    eprintln!(
+        "slowloris placement: {}",
+        if placed {
+            "cyan (1 worker), control client and its backends on CPU 0; attackers on CPU 1"
+        } else {
+            "unpinned"
+        }
+    );
     // The control traffic's backends and the slow readers' backend run on
     // runtimes of their own.
-    let side = SideRuntime::new("backends", 1);
+    let side = SideRuntime::on_cpu("backends", 1, path_cpu);
     let (b, g) = (side.backend("blue").await, side.backend("green").await);
-    let bulk_rt = SideRuntime::new("bulk", 1);
+    let bulk_rt = SideRuntime::on_cpu("bulk", 1, attack_cpu);
     let bulk = bulk_backend(&bulk_rt).await;
     let ports = Ports::pick();
     let timeouts = format!(
@@ -551,12 +573,17 @@ idle_timeout = "2s"
         service = gateway_service(0.0, &b, &g, ""),
         bulk = bulk,
     );
-    let cyan = Cyan::start(dir.path(), ports, &config).await;
+    let config = if placed {
+        config.replace("worker_threads = 2", "worker_threads = 1")
+    } else {
+        config
+    };
+    let cyan = Cyan::start_on(dir.path(), ports, &config, path_cpu).await;
     let proxy = cyan.public;
     let report = Report::default();
     let baseline_fds = cyan.idle_fds().await;
 
-    let control = Control::start(proxy, Duration::from_millis(2));
+    let control = Control::start_on(proxy, Duration::from_millis(2), path_cpu);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut run = Slowloris {
         cyan,
@@ -587,6 +614,7 @@ idle_timeout = "2s"
     } = run;
     control.stop().await;
     report.shutdown("slowloris", cyan).await;
+    drop(pin);
     report.finish();
 }
 

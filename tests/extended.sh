@@ -17,7 +17,10 @@
 #      then stalled, 1,000 responses never read, 3,000 TLS connections that
 #      never send a ClientHello; each closed by its timeout (2 s) within 1.5 s,
 #      while a control client keeps its p99 within 2x its baseline (measured
-#      for 4 s right before each attack);
+#      for 4 s right before each attack). With 2 CPUs or more (and taskset)
+#      the measured path, cyan with one worker plus the control client and
+#      its backends, runs on CPU 0 and the attack clients on CPU 1, so the
+#      p99 shows what the attacks cost cyan, not the attackers' own CPU;
 #    - connection cap: 3,000 idle connections against max_connections = 1,000:
 #      the excess waits in the backlog, no accept spin (proxy CPU), admin and
 #      metrics answer, a waiting client is served once the flood leaves;

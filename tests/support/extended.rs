@@ -114,6 +114,60 @@ impl Report {
 }
 
 // ---------------------------------------------------------------------------
+// CPU placement.
+// ---------------------------------------------------------------------------
+
+/// CPUs this machine has.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Runs `taskset` with `args`; whether it worked (util-linux may be absent).
+fn taskset(args: &[&str]) -> bool {
+    std::process::Command::new("taskset")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Restricts the calling thread to `cpu`.
+pub fn pin_current_thread(cpu: usize) -> bool {
+    // "/proc/thread-self" links to "<pid>/task/<tid>".
+    let Ok(link) = std::fs::read_link("/proc/thread-self") else {
+        return false;
+    };
+    let Some(tid) = link.file_name().and_then(|t| t.to_str()).map(str::to_owned) else {
+        return false;
+    };
+    taskset(&["-p", "-c", &cpu.to_string(), &tid])
+}
+
+/// Restricts every thread of this process to `cpus` (a taskset list, e.g.
+/// "1" or "0-1"). Threads created later inherit the mask of their creator.
+pub fn pin_process(cpus: &str) -> bool {
+    taskset(&["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+}
+
+/// Pins every thread of this process to `cpu` until dropped, when all CPUs
+/// are given back (the next scenario runs unpinned, even after a panic).
+/// `None` when pinning is not possible (one CPU, no taskset).
+pub struct ProcessPin(());
+
+impl ProcessPin {
+    pub fn to(cpu: usize) -> Option<ProcessPin> {
+        (cpus() > cpu && pin_process(&cpu.to_string())).then_some(ProcessPin(()))
+    }
+}
+
+impl Drop for ProcessPin {
+    fn drop(&mut self) {
+        pin_process(&format!("0-{}", cpus() - 1));
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Side runtimes.
 // ---------------------------------------------------------------------------
 
@@ -125,13 +179,19 @@ pub struct SideRuntime(Option<tokio::runtime::Runtime>);
 
 impl SideRuntime {
     pub fn new(name: &str, workers: usize) -> SideRuntime {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .thread_name(name)
-            .enable_all()
-            .build()
-            .expect("side runtime");
-        SideRuntime(Some(rt))
+        SideRuntime::on_cpu(name, workers, None)
+    }
+
+    /// With `cpu`, every thread of the runtime runs on that CPU only.
+    pub fn on_cpu(name: &str, workers: usize, cpu: Option<usize>) -> SideRuntime {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers).thread_name(name).enable_all();
+        if let Some(cpu) = cpu {
+            b.on_thread_start(move || {
+                pin_current_thread(cpu);
+            });
+        }
+        SideRuntime(Some(b.build().expect("side runtime")))
     }
 
     pub fn handle(&self) -> tokio::runtime::Handle {
@@ -194,10 +254,23 @@ impl Cyan {
     /// `dir/cyan.log`) and waits until its metrics and public listeners
     /// answer.
     pub async fn start(dir: &Path, ports: Ports, config: &str) -> Cyan {
+        Cyan::start_on(dir, ports, config, None).await
+    }
+
+    /// [`Cyan::start`], with cyan's threads on `cpu` only (`taskset`).
+    pub async fn start_on(dir: &Path, ports: Ports, config: &str, cpu: Option<usize>) -> Cyan {
         let path = dir.join("cyan.toml");
         std::fs::write(&path, config).expect("write config");
         let log = std::fs::File::create(dir.join("cyan.log")).expect("log file");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
+        let mut cmd = match cpu {
+            Some(cpu) => {
+                let mut c = std::process::Command::new("taskset");
+                c.args(["-c", &cpu.to_string(), env!("CARGO_BIN_EXE_cyan")]);
+                c
+            }
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_cyan")),
+        };
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(&path)
@@ -493,7 +566,12 @@ pub struct Control {
 
 impl Control {
     pub fn start(proxy: SocketAddr, pace: Duration) -> Control {
-        let rt = SideRuntime::new("control", 1);
+        Control::start_on(proxy, pace, None)
+    }
+
+    /// [`Control::start`], its thread on `cpu` only.
+    pub fn start_on(proxy: SocketAddr, pace: Duration, cpu: Option<usize>) -> Control {
+        let rt = SideRuntime::on_cpu("control", 1, cpu);
         let samples = Arc::new(Mutex::new(Vec::new()));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
