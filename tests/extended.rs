@@ -525,8 +525,8 @@ async fn slowloris() {
             "unpinned"
         }
     );
-    // The control traffic's backends and the slow readers' backend run on
-    // runtimes of their own.
+    // The control traffic's backends and the attacks' backend (slow readers'
+    // downloads, slow bodies' uploads) run on runtimes of their own.
     let side = SideRuntime::on_cpu("backends", 1, path_cpu);
     let (b, g) = (side.backend("blue").await, side.backend("green").await);
     let bulk_rt = SideRuntime::on_cpu("bulk", 1, attack_cpu);
@@ -560,6 +560,15 @@ idle_timeout = "2s"
 [[service]]
 name = "bulk"
 path_prefix = "/big"
+candidate_percent = 0
+blue  = {{ endpoints = ["{bulk}"] }}
+green = {{ endpoints = ["{bulk}"] }}
+[service.upstream]
+idle_timeout = "2s"
+
+[[service]]
+name = "upload"
+path_prefix = "/upload"
 candidate_percent = 0
 blue  = {{ endpoints = ["{bulk}"] }}
 green = {{ endpoints = ["{bulk}"] }}

@@ -697,11 +697,13 @@ impl Control {
 
 /// A backend answering `/big/<n>` with `n` bytes made of one shared 64 KiB
 /// chunk (no per-byte work, unlike [`Backend`]'s `/big/`), on `rt`. For
-/// attacks that make the proxy pull a lot of data. Its sockets use an
+/// attacks that make the proxy pull a lot of data; any other path reads the
+/// request body to its end and answers empty (a sink for slow uploads). Its sockets use an
 /// Ethernet-sized MSS and a 64 KiB send buffer, as a backend across a
 /// network would: over loopback's 64 KiB MSS the kernel buffers megabytes
 /// per connection, which only measures the loopback.
 pub async fn bulk_backend(rt: &SideRuntime) -> SocketAddr {
+    use http_body_util::Either;
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
     let sock =
@@ -727,6 +729,13 @@ pub async fn bulk_backend(rt: &SideRuntime) -> SocketAddr {
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let chunk = chunk.clone();
                     async move {
+                        // Anything else than /big/: the request body is read
+                        // to its end before the (empty) answer.
+                        if !req.uri().path().starts_with("/big/") {
+                            let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                            let empty = http_body_util::Empty::<bytes::Bytes>::new();
+                            return Ok(http::Response::new(Either::Left(empty)));
+                        }
                         let n: u64 = req
                             .uri()
                             .path()
@@ -741,7 +750,7 @@ pub async fn bulk_backend(rt: &SideRuntime) -> SocketAddr {
                             .map(|c| Ok::<_, std::convert::Infallible>(http_body::Frame::data(c)));
                         let body =
                             http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-                        let mut resp = http::Response::new(body);
+                        let mut resp = http::Response::new(Either::Right(body));
                         resp.headers_mut()
                             .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
                         Ok::<_, std::convert::Infallible>(resp)
