@@ -29,6 +29,19 @@ async fn admin(dir: &Path, method: Method, path: &str, body: Option<Value>) -> (
         .expect("admin API answers")
 }
 
+/// Polls `GET path` on the admin socket in `dir` (every 50 ms, 5 s at most)
+/// until `done` holds for the answer.
+async fn admin_eventually(dir: &Path, path: &str, done: impl Fn(&Value) -> bool) -> bool {
+    for _ in 0..100 {
+        let (_, v) = admin(dir, Method::GET, path, None).await;
+        if done(&v) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 async fn raw_admin(dir: &Path, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::UnixStream::connect(dir.join("admin.sock"))
@@ -654,15 +667,10 @@ async fn binary_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
     )
     .unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
-    let mut reloaded = false;
-    for _ in 0..100 {
-        let (_, v) = admin(&dir, Method::GET, "/v1/status", None).await;
-        if v["services"][0]["path_prefix"] == "/api" {
-            reloaded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let reloaded = admin_eventually(&dir, "/v1/status", |v| {
+        v["services"][0]["path_prefix"] == "/api"
+    })
+    .await;
     assert!(reloaded, "SIGHUP reloaded the config");
 
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
@@ -719,18 +727,12 @@ async fn log_lines_carry_their_priority_when_stderr_is_the_journal() {
         std::fs::write(&path, text.replace("[[service]]", "[[service]")).unwrap();
         let pid = rustix::process::Pid::from_raw(child.id().unwrap() as i32).unwrap();
         rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
-        let mut rejected = false;
-        for _ in 0..100 {
-            let (_, v) = admin(&dir, Method::GET, "/v1/events?since=0&limit=100", None).await;
-            if v["events"]
+        let rejected = admin_eventually(&dir, "/v1/events?since=0&limit=100", |v| {
+            v["events"]
                 .as_array()
                 .is_some_and(|e| e.iter().any(|e| e["action"] == "reload_rejected"))
-            {
-                rejected = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
         assert!(rejected, "SIGHUP with a broken config was rejected");
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
         let status = tokio::time::timeout(Duration::from_secs(10), child.wait())

@@ -23,6 +23,20 @@ async fn proxy_with(blue: &Backend) -> (cyan::server::Server, std::net::SocketAd
     start_proxy(&cfg).await
 }
 
+/// One service for Host `app.example` only (`{blue}`, `{green}`: endpoint
+/// lists); other hosts get 404 without their body being read.
+const APP_EXAMPLE: &str = r#"
+[[listener]]
+name = "public"
+listen = "127.0.0.1:0"
+
+[[service]]
+name = "app"
+hosts = ["app.example"]
+blue  = { endpoints = [{blue}] }
+green = { endpoints = [{green}] }
+"#;
+
 fn body_of(resp: &str) -> &str {
     resp.split("\r\n\r\n").nth(1).unwrap_or("")
 }
@@ -155,18 +169,7 @@ async fn bodies_then_more_requests_on_one_connection() {
 #[tokio::test]
 async fn an_unread_body_is_never_parsed_as_a_request() {
     let blue = Backend::start("blue").await;
-    let text = r#"
-[[listener]]
-name = "public"
-listen = "127.0.0.1:0"
-
-[[service]]
-name = "app"
-hosts = ["app.example"]
-blue  = { endpoints = [{blue}] }
-green = { endpoints = [{green}] }
-"#;
-    let cfg = config(text, &[&blue], &[&blue]);
+    let cfg = config(APP_EXAMPLE, &[&blue], &[&blue]);
     let (_server, proxy) = start_proxy(&cfg).await;
     let smuggled: &[u8] = b"GET /status/299 HTTP/1.1\r\nHost: app.example\r\n\r\n";
     // No route: answered 404 without reading the body.
@@ -324,19 +327,8 @@ async fn answer_then_read_body() -> (
 #[tokio::test]
 async fn a_body_still_streaming_upstream_keeps_the_connection() {
     let (backend, mut bodies) = answer_then_read_body().await;
-    let text = format!(
-        r#"
-[[listener]]
-name = "public"
-listen = "127.0.0.1:0"
-
-[[service]]
-name = "app"
-hosts = ["app.example"]
-blue  = {{ endpoints = ["{backend}"] }}
-green = {{ endpoints = ["{backend}"] }}
-"#
-    );
+    let ep = format!("\"{backend}\"");
+    let text = APP_EXAMPLE.replace("{blue}", &ep).replace("{green}", &ep);
     let cfg = cyan::config::Config::parse(&text).unwrap();
     let (_server, proxy) = start_proxy(&cfg).await;
     let smuggled: &[u8] = b"GET /smuggled HTTP/1.1\r\nHost: app.example\r\n\r\n";
