@@ -633,19 +633,20 @@ async fn reloads_under_load_keep_the_split_and_reject_bad_configs() {
     app.shutdown().await;
 }
 
-/// The binary itself: SIGHUP reloads, SIGTERM drains and exits 0.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
-    let dir = tmpdir("bin");
-    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let path = dir.join("cyan.toml");
-    let text = cp_config(&dir, 0.0, "", &b, &g);
-    std::fs::write(&path, &text).unwrap();
+/// `cyan run --config path` (info logs to `stderr`, `env` added), once its
+/// admin socket in `dir` is there.
+async fn cyan_run(
+    path: &Path,
+    dir: &Path,
+    stderr: std::process::Stdio,
+    env: &[(&str, &str)],
+) -> tokio::process::Child {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
         .args(["run", "--config"])
-        .arg(&path)
+        .arg(path)
         .env("CYAN_LOG", "info")
-        .stderr(std::process::Stdio::piped())
+        .envs(env.iter().copied())
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -654,6 +655,19 @@ async fn binary_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
         eventually(Duration::from_secs(10), || sock.exists()).await,
         "admin socket appears"
     );
+    child
+}
+
+/// The binary itself: SIGHUP reloads, SIGTERM drains and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
+    let dir = tmpdir("bin");
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let path = dir.join("cyan.toml");
+    let text = cp_config(&dir, 0.0, "", &b, &g);
+    std::fs::write(&path, &text).unwrap();
+    let child = cyan_run(&path, &dir, std::process::Stdio::piped(), &[]).await;
+    let sock = dir.join("admin.sock");
     let (s, v) = admin(&dir, Method::GET, "/v1/status", None).await;
     assert_eq!((s.as_u16(), v["generation"].as_u64()), (200, Some(1)));
 
@@ -709,20 +723,7 @@ async fn log_lines_carry_their_priority_when_stderr_is_the_journal() {
         } else {
             format!("{}:{}", st.st_dev, st.st_ino + 1)
         };
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("CYAN_LOG", "info")
-            .env("JOURNAL_STREAM", &stream)
-            .stderr(writer)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let sock = dir.join("admin.sock");
-        assert!(
-            eventually(Duration::from_secs(10), || sock.exists()).await,
-            "admin socket appears"
-        );
+        let mut child = cyan_run(&path, &dir, writer.into(), &[("JOURNAL_STREAM", &stream)]).await;
         // A rejected reload is logged as an error.
         std::fs::write(&path, text.replace("[[service]]", "[[service]")).unwrap();
         let pid = rustix::process::Pid::from_raw(child.id().unwrap() as i32).unwrap();
