@@ -120,6 +120,24 @@ fn swaps_under_readers(c: &mut Criterion) {
     h.insert("x-user-id", HeaderValue::from_static("user-4711"));
     let mut g = c.benchmark_group("reader_while_writer_swaps");
     let t = Arc::new(table(true));
+    // What the writer below spends per change (build + swap), on its own:
+    // it runs on the other CPU, which on a 2-vCPU machine may be an SMT
+    // sibling of the reader's.
+    let mut n = 0u16;
+    g.bench_function("writer_apply_set_split", |b| {
+        b.iter(|| {
+            n = (n + 1) % 2000;
+            black_box(
+                t.apply(
+                    Command::SetSplit {
+                        service: "gateway".into(),
+                        candidate_bp: n,
+                    }
+                    .into(),
+                ),
+            )
+        })
+    });
     g.bench_function("no_writer", |b| b.iter(|| black_box(decide(&t, &h, ip))));
     // A writer applies a split change every millisecond on another thread.
     let stop = Arc::new(AtomicBool::new(false));
