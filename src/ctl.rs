@@ -60,15 +60,24 @@ pub struct Options {
     pub json: bool,
 }
 
-/// Writes the answer to stdout in one go. A reader that went away (`cyan
-/// ctl status | head -1`) is not an error: the answer was delivered as far
-/// as anyone wanted it (`println!` would panic on the broken pipe).
-fn emit(out: &str) {
+/// Writes the answer to stdout in one go; false when it could not be
+/// written. A reader that went away (`cyan ctl status | head -1`) is not an
+/// error: the answer was delivered as far as anyone wanted it (`println!`
+/// would panic on the broken pipe). Any other failure (a full disk) is.
+fn emit(out: &str) -> bool {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
-    let _ = stdout
+    match stdout
         .write_all(out.as_bytes())
-        .and_then(|()| stdout.flush());
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
+        Err(e) => {
+            eprintln!("cyan ctl: cannot write the answer: {e}");
+            false
+        }
+    }
 }
 
 /// One line of human output.
@@ -98,7 +107,9 @@ pub async fn run(target: &Target, verb: &Verb, opts: &Options) -> u8 {
             } else if status.is_success() {
                 render_human(&mut out, verb, &value);
             }
-            emit(&out);
+            if !emit(&out) {
+                return EXIT_ERROR;
+            }
             if status.is_success() {
                 EXIT_OK
             } else {

@@ -1067,6 +1067,18 @@ async fn ctl_binary_end_to_end() {
         );
         assert!(!err.contains("panicked"), "{err}");
     }
+    // Output that cannot be written (a full disk) is an error, not silence.
+    if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
+            .args(["ctl", "--socket", sock, "status"])
+            .env_remove("CYAN_ADMIN_SOCKET")
+            .stdout(full)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "status into /dev/full: {err}");
+        assert!(err.contains("cannot write the answer"), "{err}");
+    }
 
     let (code, out, err) = cyan_bin(&[
         "ctl",
