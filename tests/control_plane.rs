@@ -641,15 +641,9 @@ async fn cyan_run(
     stderr: std::process::Stdio,
     env: &[(&str, &str)],
 ) -> tokio::process::Child {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
-        .args(["run", "--config"])
-        .arg(path)
-        .env("CYAN_LOG", "info")
-        .envs(env.iter().copied())
-        .stderr(stderr)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut all = vec![("CYAN_LOG", std::ffi::OsStr::new("info"))];
+    all.extend(env.iter().map(|&(k, v)| (k, std::ffi::OsStr::new(v))));
+    let child = spawn_cyan_run(path, None, &all, stderr);
     let sock = dir.join("admin.sock");
     assert!(
         eventually(Duration::from_secs(10), || sock.exists()).await,

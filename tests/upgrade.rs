@@ -37,19 +37,11 @@ fn cyan_run(
     notify: Option<&Path>,
     stderr: Stdio,
 ) -> tokio::process::Child {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyan"));
-    cmd.args(["run", "--config"]).arg(config);
-    cmd.args(flag);
-    match notify {
-        Some(n) => cmd.env("NOTIFY_SOCKET", n),
-        None => cmd.env_remove("NOTIFY_SOCKET"),
-    };
-    cmd.env("CYAN_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("cyan starts")
+    let env: Vec<_> = notify
+        .map(|n| ("NOTIFY_SOCKET", n.as_os_str()))
+        .into_iter()
+        .collect();
+    spawn_cyan_run(config, flag, &env, stderr)
 }
 
 /// The config every test here uses: one listener on `proxy`, admin and

@@ -1087,6 +1087,29 @@ pub async fn start_app(text: &str) -> (cyan::app::App, SocketAddr) {
     (app, addr)
 }
 
+/// `cyan run --config CONFIG [FLAG]` as a child process, killed on drop:
+/// logs at warn and no `NOTIFY_SOCKET` unless `env` (applied last) says
+/// otherwise; stdout discarded, stderr to `stderr`. Does not wait for it.
+pub fn spawn_cyan_run(
+    config: &Path,
+    flag: Option<&str>,
+    env: &[(&str, &std::ffi::OsStr)],
+    stderr: std::process::Stdio,
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
+        .args(["run", "--config"])
+        .arg(config)
+        .args(flag)
+        .env("CYAN_LOG", "warn")
+        .env_remove("NOTIFY_SOCKET")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("cyan starts")
+}
+
 /// A whole-instance config: admin socket `dir/admin.sock`, state in
 /// `dir/state`, metrics on an ephemeral port, one listener `public` and one
 /// service `gateway`. `admin_extra` goes into `[admin]`; `service_inline`
