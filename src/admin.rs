@@ -873,6 +873,7 @@ fn table(ctl: &Controller) -> Resp {
                     "response_timeout": crate::config::format_duration(u.response_timeout),
                     "idle_timeout": crate::config::format_duration(u.idle_timeout),
                     "max_idle_per_endpoint": u.max_idle_per_endpoint,
+                    "read_buffer_bytes": u.read_buffer_bytes,
                     "tls": u.tls.is_some(),
                 });
             }

@@ -278,14 +278,14 @@ impl Upstream {
         let handshake_err = |source: BoxError| UpstreamError::Handshake { addr, source };
         let fut = async {
             match &self.tls {
-                None => handshake(tcp, self.settings.protocol).await,
+                None => handshake(tcp, &self.settings).await,
                 Some(tls) => {
                     let stream = tls
                         .connector
                         .connect(tls.server_name.clone(), tcp)
                         .await
                         .map_err(|e| Box::new(e) as BoxError)?;
-                    handshake(stream, self.settings.protocol).await
+                    handshake(stream, &self.settings).await
                 }
             }
         };
@@ -424,14 +424,17 @@ enum Attempt {
     Failed(UpstreamError),
 }
 
-async fn handshake<IO>(io: IO, protocol: Protocol) -> Result<Sender, BoxError>
+async fn handshake<IO>(io: IO, settings: &UpstreamSettings) -> Result<Sender, BoxError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(io);
-    match protocol {
+    match settings.protocol {
         Protocol::Http1 => {
-            let (tx, conn) = http1::Builder::new().handshake(io).await?;
+            let (tx, conn) = http1::Builder::new()
+                .max_buf_size(settings.read_buffer_bytes)
+                .handshake(io)
+                .await?;
             tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "upstream connection ended");

@@ -503,13 +503,16 @@ async fn slowloris() {
     assert!(limit >= 15_000, "descriptor limit {limit} is too low");
     let dir = TempDir::new("ext-slow");
     let cert = TestCert::generate(dir.path(), "tls", &["localhost"]);
-    // Placement (2 CPUs or more): the measured path (cyan with one worker,
-    // the control client and its backends) on CPU 0, the attack clients
-    // (this test's runtime) and the slow readers' backend on CPU 1. The
-    // control p99 then measures what the attacks cost cyan, not the attack
-    // clients' own CPU: on 2 CPUs shared by all, thousands of attacker
-    // sockets made the control client's p99 swing 2-3x run to run with 12
-    // ms scheduling stalls. Without taskset or with one CPU: unpinned.
+    // Placement (2 CPUs or more): cyan (one worker) alone with the control
+    // client and its backends on CPU 0, the attack clients (this test's
+    // runtime) and the attacks' backend on CPU 1. The control client and
+    // its backends run at real-time priority: they stand for machines of
+    // their own, so they run the moment they wake and the control p99 is
+    // cyan's own delay, not the time they waited for a CPU behind cyan's
+    // busy spells (without it the p99 measured 0.05-0.2 ms worse, with the
+    // baseline as noisy). On 2 CPUs shared by all, thousands of attacker
+    // sockets made the control p99 swing 2-3x run to run with 12 ms
+    // scheduling stalls. Without taskset or with one CPU: unpinned.
     let pin = ProcessPin::to(1);
     let placed = pin.is_some();
     let (path_cpu, attack_cpu) = if placed {
@@ -517,17 +520,13 @@ async fn slowloris() {
     } else {
         (None, None)
     };
-    eprintln!(
-        "slowloris placement: {}",
-        if placed {
-            "cyan (1 worker), control client and its backends on CPU 0; attackers on CPU 1"
-        } else {
-            "unpinned"
-        }
-    );
+    let path = Placement {
+        cpu: path_cpu,
+        realtime: placed,
+    };
     // The control traffic's backends and the attacks' backend (slow readers'
     // downloads, slow bodies' uploads) run on runtimes of their own.
-    let side = SideRuntime::on_cpu("backends", 1, path_cpu);
+    let side = SideRuntime::placed("backends", 1, path);
     let (b, g) = (side.backend("blue").await, side.backend("green").await);
     let bulk_rt = SideRuntime::on_cpu("bulk", 1, attack_cpu);
     let bulk = bulk_backend(&bulk_rt).await;
@@ -592,7 +591,16 @@ idle_timeout = "2s"
     let report = Report::default();
     let baseline_fds = cyan.idle_fds().await;
 
-    let control = Control::start_on(proxy, Duration::from_millis(2), path_cpu);
+    let control = Control::start_on(proxy, Duration::from_millis(2), path);
+    let realtime = side.is_realtime().await && control.is_realtime().await;
+    eprintln!(
+        "slowloris placement: {}",
+        match (placed, realtime) {
+            (true, true) => "cyan (1 worker) on CPU 0 with the control client and its backends at real-time priority; attackers on CPU 1",
+            (true, false) => "cyan (1 worker) on CPU 0 with the control client and its backends (real-time priority refused: not root?); attackers on CPU 1",
+            _ => "unpinned",
+        }
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut run = Slowloris {
         cyan,

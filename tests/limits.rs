@@ -426,6 +426,52 @@ async fn a_client_that_stops_reading_is_dropped_at_send_timeout() {
     server.shutdown().await;
 }
 
+/// `read_buffer_bytes` is the largest read from an HTTP/1.1 upstream, so
+/// also the largest response head cyan accepts: past it a 502 (HAProxy and
+/// nginx answer the same to a head bigger than their buffer). A pool can
+/// raise it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_response_heads_are_bounded_by_the_read_buffer() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let get_status = |proxy: SocketAddr, path: &'static str| async move {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let out = raw_exchange(proxy, req.as_bytes(), Duration::from_secs(5)).await;
+        (status_of(&out), out)
+    };
+    // The default, 16 KiB.
+    let cfg = config(&custom_config(0.0, "", "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let (status, out) = get_status(proxy, "/fat-head/12000").await;
+    assert_eq!(status, 200, "{}", &out[..out.len().min(300)]);
+    assert!(
+        out.contains(&"h".repeat(12_000)),
+        "the long header arrived whole"
+    );
+    let (status, out) = get_status(proxy, "/fat-head/20000").await;
+    assert_eq!(status, 502, "{}", &out[..out.len().min(300)]);
+    assert!(
+        !out.contains("hhhhhhhh"),
+        "no part of the refused head reached the client"
+    );
+    let (status, _) = get_status(proxy, "/fat-head/12000").await;
+    assert_eq!(status, 200, "the proxy serves on after the refused head");
+    server.shutdown().await;
+
+    // Raised on the pool.
+    let cfg = config(
+        &custom_config(0.0, "", "", ", read_buffer_bytes = 65536", ""),
+        &[&b],
+        &[&g],
+    );
+    assert_eq!(cfg.services[0].blue.upstream.read_buffer_bytes, 65_536);
+    assert_eq!(cfg.services[0].green.upstream.read_buffer_bytes, 16_384);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let (status, out) = get_status(proxy, "/fat-head/40000").await;
+    assert_eq!(status, 200, "{}", &out[..out.len().min(300)]);
+    assert!(out.contains(&"h".repeat(40_000)));
+    server.shutdown().await;
+}
+
 /// A loopback listener whose accept queue is full: new connects hang (the
 /// kernel drops their SYNs). Keep the returned values alive.
 async fn blackhole() -> (socket2::Socket, Vec<TcpStream>, SocketAddr) {

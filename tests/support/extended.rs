@@ -144,6 +144,33 @@ pub fn pin_current_thread(cpu: usize) -> bool {
     taskset(&["-p", "-c", &cpu.to_string(), &tid])
 }
 
+/// Gives the calling thread real-time priority (SCHED_FIFO 1), so it runs
+/// the moment it wakes, ahead of every ordinary thread on its CPU. Needs
+/// root or CAP_SYS_NICE; whether it worked.
+pub fn realtime_current_thread() -> bool {
+    let Ok(link) = std::fs::read_link("/proc/thread-self") else {
+        return false;
+    };
+    let Some(tid) = link.file_name().and_then(|t| t.to_str()).map(str::to_owned) else {
+        return false;
+    };
+    std::process::Command::new("chrt")
+        .args(["-f", "-p", "1", &tid])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Where a side runtime's threads run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placement {
+    /// Only on this CPU.
+    pub cpu: Option<usize>,
+    /// At real-time priority (see [`realtime_current_thread`]).
+    pub realtime: bool,
+}
+
 /// Restricts every thread of this process to `cpus` (a taskset list, e.g.
 /// "1" or "0-1"). Threads created later inherit the mask of their creator.
 pub fn pin_process(cpus: &str) -> bool {
@@ -184,14 +211,48 @@ impl SideRuntime {
 
     /// With `cpu`, every thread of the runtime runs on that CPU only.
     pub fn on_cpu(name: &str, workers: usize, cpu: Option<usize>) -> SideRuntime {
+        SideRuntime::placed(
+            name,
+            workers,
+            Placement {
+                cpu,
+                realtime: false,
+            },
+        )
+    }
+
+    /// A runtime whose threads run where `at` says.
+    pub fn placed(name: &str, workers: usize, at: Placement) -> SideRuntime {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.worker_threads(workers).thread_name(name).enable_all();
-        if let Some(cpu) = cpu {
-            b.on_thread_start(move || {
+        b.on_thread_start(move || {
+            if let Some(cpu) = at.cpu {
                 pin_current_thread(cpu);
-            });
-        }
+            }
+            if at.realtime {
+                realtime_current_thread();
+            }
+        });
         SideRuntime(Some(b.build().expect("side runtime")))
+    }
+
+    /// Whether the runtime's worker threads run at real-time priority (asks
+    /// one of them).
+    pub async fn is_realtime(&self) -> bool {
+        self.handle()
+            .spawn(async {
+                // Field 41 of a thread's stat is its scheduling policy; 1 is
+                // SCHED_FIFO. The command name (field 2) may hold spaces.
+                std::fs::read_to_string("/proc/thread-self/stat")
+                    .ok()
+                    .and_then(|s| {
+                        let rest = &s[s.rfind(')')? + 2..];
+                        rest.split(' ').nth(38).map(|p| p == "1")
+                    })
+                    .unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false)
     }
 
     pub fn handle(&self) -> tokio::runtime::Handle {
@@ -566,12 +627,17 @@ pub struct Control {
 
 impl Control {
     pub fn start(proxy: SocketAddr, pace: Duration) -> Control {
-        Control::start_on(proxy, pace, None)
+        Control::start_on(proxy, pace, Placement::default())
     }
 
-    /// [`Control::start`], its thread on `cpu` only.
-    pub fn start_on(proxy: SocketAddr, pace: Duration, cpu: Option<usize>) -> Control {
-        let rt = SideRuntime::on_cpu("control", 1, cpu);
+    /// Whether its thread runs at real-time priority.
+    pub async fn is_realtime(&self) -> bool {
+        self._rt.is_realtime().await
+    }
+
+    /// [`Control::start`], its thread placed by `at`.
+    pub fn start_on(proxy: SocketAddr, pace: Duration, at: Placement) -> Control {
+        let rt = SideRuntime::placed("control", 1, at);
         let samples = Arc::new(Mutex::new(Vec::new()));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));

@@ -228,6 +228,14 @@ impl Backend {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             return text(200, format!("{} {} delayed {ms}\n", self.color, self.addr));
         }
+        if let Some(n) = path.strip_prefix("/fat-head/") {
+            // A response head of about `n` bytes: one long header.
+            let n: usize = n.parse().unwrap_or(0);
+            let mut resp = text(200, format!("{} fat head\n", self.color));
+            let value = HeaderValue::from_str(&"h".repeat(n)).expect("header value");
+            resp.headers_mut().insert("x-fat", value);
+            return resp;
+        }
         if let Some(code) = path.strip_prefix("/status/") {
             return text(
                 code.parse().unwrap_or(500),
