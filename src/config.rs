@@ -586,7 +586,8 @@ pub struct UpstreamSettings {
     /// the largest body chunk cyan holds. A client that stops reading pins
     /// about three chunks (one read ahead, one in the body channel, one in
     /// its write queue), so this bounds a stalled download's memory and the
-    /// work one burst of it costs the event loop. HTTP/2 upstreams are
+    /// work one burst of it costs the event loop. It is also the largest
+    /// response head accepted (a larger one is a 502). HTTP/2 upstreams are
     /// bounded by their flow-control windows instead.
     pub read_buffer_bytes: usize,
     pub tls: Option<UpstreamTls>,
@@ -618,7 +619,7 @@ pub mod defaults {
     pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
     /// HAProxy's `tune.bufsize`. Measured (benches/README.md, "Upstream read
     /// buffer"): 1,000 stalled downloads cost the control traffic's p99
-    /// 1.6-1.9x its baseline with it and 2.0-2.4x with hyper's adaptive
+    /// 1.6-1.9x its baseline with it and 1.9-2.4x with hyper's adaptive
     /// default (up to 400 KiB), and pin 115 against 179 KiB each; one fast
     /// 1 GiB download runs at ~1 GB/s against ~2 GB/s. Bulk-download
     /// services can raise it per service or pool.

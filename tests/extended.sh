@@ -20,7 +20,9 @@
 #      for 4 s right before each attack). With 2 CPUs or more (and taskset)
 #      the measured path, cyan with one worker plus the control client and
 #      its backends, runs on CPU 0 and the attack clients on CPU 1, so the
-#      p99 shows what the attacks cost cyan, not the attackers' own CPU;
+#      p99 shows what the attacks cost cyan, not the attackers' own CPU; the
+#      control client and its backends run at real-time priority (when
+#      allowed: root), standing for machines of their own;
 #    - connection cap: 3,000 idle connections against max_connections = 1,000:
 #      the excess waits in the backlog, no accept spin (proxy CPU), admin and
 #      metrics answer, a waiting client is served once the flood leaves;
