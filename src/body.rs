@@ -431,6 +431,11 @@ impl Body for RespBody {
         let this = self.get_mut();
         let polled = match &mut this.inner {
             RespInner::Full(d) => Poll::Ready(d.take().map(|d| Ok(Frame::data(d)))),
+            // The client's socket is full: no more chunks until a write goes
+            // through (which wakes this task; see `ConnActivity::body_held`).
+            RespInner::Upstream(_) if this.guard.as_ref().is_some_and(|g| g.conn.body_held()) => {
+                Poll::Pending
+            }
             RespInner::Upstream(b) => match Pin::new(&mut *b).poll_frame(cx) {
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(g) = this.guard.as_mut() {

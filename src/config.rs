@@ -620,7 +620,8 @@ pub mod defaults {
     /// HAProxy's `tune.bufsize`. Measured (benches/README.md, "Upstream read
     /// buffer"): 1,000 stalled downloads cost the control traffic's p99
     /// 1.6-1.9x its baseline with it and 1.9-2.4x with hyper's adaptive
-    /// default (up to 400 KiB), and pin 115 against 179 KiB each; one fast
+    /// default (up to 400 KiB), and pin 115 against 179 KiB each (75 since
+    /// the body is also held while the client's socket is full); one fast
     /// 1 GiB download runs at ~1 GB/s against ~2 GB/s. Bulk-download
     /// services can raise it per service or pool.
     pub const READ_BUFFER_BYTES: usize = 16 * 1024;

@@ -23,7 +23,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,9 @@ pub struct ConnActivity {
     /// 1 + milliseconds since `epoch` when a write to the client first found
     /// its socket full; 0 while writes make progress.
     write_blocked: AtomicU64,
+    /// HTTP/1.1 only: a response body is not read further while the
+    /// client's socket is full (see [`ConnActivity::body_held`]).
+    hold_body_when_blocked: AtomicBool,
 }
 
 impl Default for ConnActivity {
@@ -92,6 +95,7 @@ impl Default for ConnActivity {
             last_ms: AtomicU64::new(0),
             probe: Arc::new(IdleProbe::default()),
             write_blocked: AtomicU64::new(0),
+            hold_body_when_blocked: AtomicBool::new(false),
         }
     }
 }
@@ -118,20 +122,47 @@ impl ConnActivity {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    fn note_write<T>(&self, r: &Poll<T>) {
+    /// Notes a write's outcome; true when it was the first to go through
+    /// after the socket had been full.
+    fn note_write<T>(&self, r: &Poll<T>) -> bool {
         match r {
             Poll::Pending => {
                 if self.write_blocked.load(Ordering::Relaxed) == 0 {
                     let now = self.epoch.elapsed().as_millis() as u64;
                     self.write_blocked.store(now + 1, Ordering::Relaxed);
                 }
+                false
             }
             Poll::Ready(_) => {
                 if self.write_blocked.load(Ordering::Relaxed) != 0 {
                     self.write_blocked.store(0, Ordering::Relaxed);
+                    return true;
                 }
+                false
             }
         }
+    }
+
+    /// Whether the response body should wait: HTTP/1.1, and the client's
+    /// socket was full at the last write. hyper would otherwise go on
+    /// pulling body chunks into its write queue while the client does not
+    /// read, up to its `max_buf_size` (the listener's `max_header_bytes`,
+    /// 64 KiB by default), each one read from the upstream first. Held, a
+    /// stalled download pins the one or two chunks taken before the socket
+    /// filled, not four or five, and the upstream is not read further (TCP
+    /// flow control stops the backend): 17 KiB held against 65 KiB
+    /// (`tests/limits.rs`).
+    ///
+    /// Safe because HTTP/1.1 polls the body and writes the socket in one
+    /// task: a full socket means hyper (or the TLS layer under it) holds
+    /// unwritten bytes and the task is registered for writability; the
+    /// write that goes through wakes the task again ([`WriteWatch`]), and
+    /// the body is polled once more.
+    /// HTTP/2 polls bodies in per-stream tasks and is left alone (its flow
+    /// control bounds what a stream holds).
+    pub fn body_held(&self) -> bool {
+        self.hold_body_when_blocked.load(Ordering::Relaxed)
+            && self.write_blocked.load(Ordering::Relaxed) != 0
     }
 
     /// How long until a stalled write to the client reaches `limit`; `None`
@@ -181,7 +212,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteWatch<IO> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.activity.note_write(&r);
+        if self.activity.note_write(&r) {
+            // A body held while the socket was full may go on.
+            cx.waker().wake_by_ref();
+        }
         r
     }
 
@@ -191,7 +225,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteWatch<IO> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.activity.note_write(&r);
+        if self.activity.note_write(&r) {
+            cx.waker().wake_by_ref();
+        }
         r
     }
 
@@ -679,7 +715,12 @@ impl Connection {
                 let mut http = Box::pin(self.protocols.h2.serve_connection(io, service));
                 self.drive(http.as_mut(), &activity, None).await;
             }
-            Sniffed::Http1 => self.serve_h1(io, pre, service, &activity).await,
+            Sniffed::Http1 => {
+                activity
+                    .hold_body_when_blocked
+                    .store(true, Ordering::Relaxed);
+                self.serve_h1(io, pre, service, &activity).await
+            }
         }
     }
 
