@@ -347,6 +347,7 @@ async fn run(
     upgrade: Option<UpgradeMode>,
 ) -> ExitCode {
     use cyan::upgrade::Takeover;
+    let signals = Signals::install();
     let (inherited, predecessor) = if let Some(mode) = upgrade {
         let Some(sock) = cfg.runtime.upgrade_socket.clone() else {
             eprintln!("cyan: --upgrade needs [runtime] upgrade_socket in the config");
@@ -423,7 +424,7 @@ async fn run(
     };
     sd_notify(&format!("READY=1\nSTATUS={status}"));
     let why = tokio::select! {
-        _ = wait_for_signals(Some(&app.controller)) => "stop signal",
+        _ = wait_for_signals(signals, Some(&app.controller)) => "stop signal",
         _ = app.upgraded.cancelled() => {
             tracing::info!("handed over to the new process");
             "handed over to the new process"
@@ -451,20 +452,39 @@ fn sd_notify(state: &str) {
     }
 }
 
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment this is built. `run`
+/// builds it before anything is listening: a SIGHUP that arrived between
+/// the admin socket coming up and the handlers being installed used to
+/// take the default action and kill the process (a reload sent right after
+/// start, as a test and a quick operator can).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Returns when SIGTERM or SIGINT arrives; SIGHUP reloads meanwhile.
-async fn wait_for_signals(controller: Option<&Controller>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-        _ => {
-            tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
+async fn wait_for_signals(signals: std::io::Result<Signals>, controller: Option<&Controller>) {
+    let Ok(Signals {
+        mut term,
+        mut int,
+        mut hup,
+    }) = signals
+    else {
+        tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
     };
     loop {
         tokio::select! {
@@ -532,6 +552,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
 }
 
 async fn demo(listen: SocketAddr) -> ExitCode {
+    let signals = Signals::install();
     let stop = CancellationToken::new();
     let any: SocketAddr = ([127, 0, 0, 1], 0).into();
     let mut blue = Vec::new();
@@ -568,7 +589,7 @@ async fn demo(listen: SocketAddr) -> ExitCode {
     };
     let addr = app.server.local_addr("demo").unwrap_or(listen);
     println!("{}", cyan::demo::banner(addr, &socket, app.metrics_addr));
-    wait_for_signals(None).await;
+    wait_for_signals(signals, None).await;
     let report = app.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     stop.cancel();
@@ -581,6 +602,7 @@ async fn demo(listen: SocketAddr) -> ExitCode {
 
 async fn test_backend(color: String, listen: SocketAddr, delay_ms: u64) -> ExitCode {
     use std::io::{Read, Write};
+    let signals = Signals::install();
     // One write per line straight to the pipe (stdout is line-buffered): a
     // line reported is readable by the parent even after a SIGKILL.
     let seen: cyan::demo::SeenHook = std::sync::Arc::new(|line: &str| {
@@ -610,7 +632,7 @@ async fn test_backend(color: String, listen: SocketAddr, delay_ms: u64) -> ExitC
     });
     tokio::select! {
         _ = rx => {}
-        _ = wait_for_signals(None) => {}
+        _ = wait_for_signals(signals, None) => {}
     }
     stop.cancel();
     ExitCode::SUCCESS
