@@ -195,6 +195,17 @@ struct WriteWatch<IO> {
     activity: Arc<ConnActivity>,
 }
 
+impl<IO> WriteWatch<IO> {
+    /// Records a write's outcome. The first write through after the socket
+    /// was full wakes the task: a body held meanwhile may go on.
+    fn noted<T>(&self, cx: &Context<'_>, r: Poll<T>) -> Poll<T> {
+        if self.activity.note_write(&r) {
+            cx.waker().wake_by_ref();
+        }
+        r
+    }
+}
+
 impl<IO: AsyncRead + Unpin> AsyncRead for WriteWatch<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -212,11 +223,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteWatch<IO> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        if self.activity.note_write(&r) {
-            // A body held while the socket was full may go on.
-            cx.waker().wake_by_ref();
-        }
-        r
+        self.noted(cx, r)
     }
 
     fn poll_write_vectored(
@@ -225,10 +232,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteWatch<IO> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if self.activity.note_write(&r) {
-            cx.waker().wake_by_ref();
-        }
-        r
+        self.noted(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {

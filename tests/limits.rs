@@ -511,7 +511,9 @@ where
     .await
     .unwrap();
     let mut buf = vec![0u8; 16 * 1024];
+    // The head's bytes until its end has arrived.
     let mut head = Vec::new();
+    let mut head_done = false;
     let mut got = 0u64;
     let mut burst = 0usize;
     let mut in_order = true;
@@ -521,29 +523,26 @@ where
             Ok(Ok(k)) => k,
             Err(_) => panic!("the download stalled for 5 s after {got} of {n} body bytes"),
         };
-        let mut data = &buf[..k];
-        if got == 0 && !head.ends_with(b"\r\n\r\n") {
-            // Still in the head: take bytes up to its end.
-            let mut used = 0;
-            while used < data.len() && !head.ends_with(b"\r\n\r\n") {
-                head.push(data[used]);
-                used += 1;
-            }
-            data = &data[used..];
-            if !head.ends_with(b"\r\n\r\n") {
+        burst += k;
+        let body: &[u8] = if head_done {
+            &buf[..k]
+        } else {
+            head.extend_from_slice(&buf[..k]);
+            let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
                 continue;
-            }
+            };
             assert!(
                 head.starts_with(b"HTTP/1.1 200"),
                 "{}",
                 String::from_utf8_lossy(&head)
             );
-        }
-        for (i, b) in data.iter().enumerate() {
+            head_done = true;
+            &head[end + 4..]
+        };
+        for (i, b) in body.iter().enumerate() {
             in_order &= *b == Generated::byte(got + i as u64);
         }
-        got += data.len() as u64;
-        burst += k;
+        got += body.len() as u64;
         if burst >= 64 * 1024 {
             burst = 0;
             tokio::time::sleep(Duration::from_millis(15)).await;

@@ -132,26 +132,23 @@ fn taskset(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The calling thread's id, from "/proc/thread-self" (a link to
+/// "<pid>/task/<tid>").
+fn current_tid() -> Option<String> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str().map(str::to_owned)
+}
+
 /// Restricts the calling thread to `cpu`.
 pub fn pin_current_thread(cpu: usize) -> bool {
-    // "/proc/thread-self" links to "<pid>/task/<tid>".
-    let Ok(link) = std::fs::read_link("/proc/thread-self") else {
-        return false;
-    };
-    let Some(tid) = link.file_name().and_then(|t| t.to_str()).map(str::to_owned) else {
-        return false;
-    };
-    taskset(&["-p", "-c", &cpu.to_string(), &tid])
+    current_tid().is_some_and(|tid| taskset(&["-p", "-c", &cpu.to_string(), &tid]))
 }
 
 /// Gives the calling thread real-time priority (SCHED_FIFO 1), so it runs
 /// the moment it wakes, ahead of every ordinary thread on its CPU. Needs
 /// root or CAP_SYS_NICE; whether it worked.
 pub fn realtime_current_thread() -> bool {
-    let Ok(link) = std::fs::read_link("/proc/thread-self") else {
-        return false;
-    };
-    let Some(tid) = link.file_name().and_then(|t| t.to_str()).map(str::to_owned) else {
+    let Some(tid) = current_tid() else {
         return false;
     };
     std::process::Command::new("chrt")
