@@ -15,7 +15,12 @@
 //! * An idle watchdog closes a connection with no request in flight for
 //!   `idle_timeout` (HTTP/1.1: closed; HTTP/2: GOAWAY), and drops one whose
 //!   writes to the client made no progress for `send_timeout` (a client that
-//!   stopped reading would otherwise hold its response forever).
+//!   stopped reading would otherwise hold its response forever). That drop
+//!   is a reset (`SO_LINGER` 0): a plain close would leave the kernel an
+//!   orphaned socket holding the unsent bytes and probing a zero window for
+//!   minutes (nginx's `reset_timedout_connection`, HAProxy's `nolinger`),
+//!   and a client of a close-delimited body would take the early EOF for
+//!   the end of a complete response.
 //! * Shutdown: the token stops every accept loop (new connections are
 //!   refused once the listening socket closes), every connection is asked to
 //!   finish gracefully (`Connection: close` on HTTP/1.1, GOAWAY on HTTP/2),
@@ -85,6 +90,9 @@ pub struct ConnActivity {
     /// HTTP/1.1 only: a response body is not read further while the
     /// client's socket is full (see [`ConnActivity::body_held`]).
     hold_body_when_blocked: AtomicBool,
+    /// The client is dropped for not reading: its socket is reset, not
+    /// closed (see [`WriteWatch`]).
+    reset_on_close: AtomicBool,
 }
 
 impl Default for ConnActivity {
@@ -96,6 +104,7 @@ impl Default for ConnActivity {
             probe: Arc::new(IdleProbe::default()),
             write_blocked: AtomicU64::new(0),
             hold_body_when_blocked: AtomicBool::new(false),
+            reset_on_close: AtomicBool::new(false),
         }
     }
 }
@@ -189,13 +198,23 @@ impl ConnActivity {
 }
 
 /// The client socket, noting in [`ConnActivity`] when writes to it stall
-/// (for `send_timeout`).
-struct WriteWatch<IO> {
-    io: IO,
+/// (for `send_timeout`), and reset when it closes after a client was
+/// dropped for not reading ([`ConnActivity::reset_on_close`]).
+struct WriteWatch {
+    io: TcpStream,
     activity: Arc<ConnActivity>,
 }
 
-impl<IO> WriteWatch<IO> {
+impl Drop for WriteWatch {
+    fn drop(&mut self) {
+        if self.activity.reset_on_close.load(Ordering::Relaxed) {
+            // Linger 0: the close sends RST and frees the unsent bytes now.
+            let _ = socket2::SockRef::from(&self.io).set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+impl WriteWatch {
     /// Records a write's outcome. The first write through after the socket
     /// was full wakes the task: a body held meanwhile may go on.
     fn noted<T>(&self, cx: &Context<'_>, r: Poll<T>) -> Poll<T> {
@@ -206,7 +225,7 @@ impl<IO> WriteWatch<IO> {
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for WriteWatch<IO> {
+impl AsyncRead for WriteWatch {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -216,7 +235,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for WriteWatch<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteWatch<IO> {
+impl AsyncWrite for WriteWatch {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -248,7 +267,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteWatch<IO> {
     }
 }
 
-impl<IO: WaitReadable> WaitReadable for WriteWatch<IO> {
+impl WaitReadable for WriteWatch {
     fn wait_readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
         self.io.wait_readable()
     }
@@ -843,7 +862,8 @@ impl Connection {
                     // the upstream connection) forever: no graceful end is
                     // possible, the connection is dropped.
                     let Some(send_rest) = activity.send_remaining(send_timeout) else {
-                        tracing::debug!("client stopped reading (send_timeout): closing");
+                        tracing::debug!("client stopped reading (send_timeout): resetting");
+                        activity.reset_on_close.store(true, Ordering::Relaxed);
                         return Outcome::Ended;
                     };
                     wait = send_rest;

@@ -375,15 +375,25 @@ async fn idle_connections_close_at_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_is_dropped_at_send_timeout() {
+async fn a_client_that_stops_reading_is_reset_at_send_timeout() {
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let listener = "send_timeout = \"400ms\"\nidle_timeout = \"10s\"";
     let cfg = config(&custom_config(0.0, listener, "", "", ""), &[&b], &[&g]);
     let (server, proxy) = start_proxy(&cfg).await;
     let (mut s, len) = never_read_download(proxy).await;
     let start = Instant::now();
+    let client_port = s.local_addr().unwrap().port();
     let open = || metric(&server, "cyan_connections_open", &[]);
     assert!(eventually(Duration::from_secs(1), || open() == 1.0).await);
+    // cyan's end of the connection, its send queue full.
+    let proxy_side = || tcp_row(proxy.port(), client_port);
+    assert!(
+        eventually(Duration::from_secs(1), || proxy_side()
+            .is_some_and(|r| r.tx_queue > 0))
+        .await,
+        "cyan's socket never held unsent bytes: {:?}",
+        proxy_side()
+    );
     // Never read: the response stalls, and the proxy drops the connection.
     assert!(
         eventually(Duration::from_secs(5), || open() == 0.0).await,
@@ -397,22 +407,35 @@ async fn a_client_that_stops_reading_is_dropped_at_send_timeout() {
         Duration::from_millis(1500),
     );
     eprintln!("send_timeout 400ms: dropped {elapsed:?} after the request");
-    // What was already on its way ends early: the response is cut short.
+    // Reset, not closed: no orphaned socket is left in the kernel holding
+    // the unsent bytes (a plain close leaves it in FIN_WAIT1, probing the
+    // zero window for minutes).
+    assert!(
+        eventually(Duration::from_secs(1), || proxy_side().is_none()).await,
+        "cyan's socket outlived the drop: {:?}",
+        proxy_side()
+    );
+    // What had reached the client is still readable; then the reset, never
+    // a clean end that could pass for a complete response.
     let mut total = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
-    let eof = tokio::time::timeout(Duration::from_secs(5), async {
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return None,
+                Err(e) => return Some(e.kind()),
                 Ok(n) => total += n as u64,
             }
         }
     })
-    .await;
-    assert!(
-        eof.is_ok() && total < len / 4,
-        "read {total} of {len} bytes"
+    .await
+    .expect("the client's read neither failed nor ended");
+    assert_eq!(
+        end,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "after {total} bytes"
     );
+    assert!(total > 0 && total < len / 4, "read {total} of {len} bytes");
     server.shutdown().await;
 }
 
@@ -420,9 +443,10 @@ async fn a_client_that_stops_reading_is_dropped_at_send_timeout() {
 /// from the upstream: hyper would otherwise queue up to its `max_buf_size`
 /// (64 KiB here) of chunks, each read from the upstream first, for a client
 /// that is not reading. What cyan took from the body (`bytes_out` in the
-/// access log) may exceed what reached the client's socket by at most the
-/// chunks taken in the turn in which the socket filled: two reads of 16 KiB
-/// (measured 17.3 KiB; 65.3 KiB with the hold switched off).
+/// access log) may exceed what it wrote to the client's socket (what the
+/// client received plus cyan's send queue) by at most the chunks taken in
+/// the turn in which the socket filled: two reads of 16 KiB (measured
+/// 17.3 KiB; 65.3 KiB with the hold switched off).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_download_holds_one_chunk_not_a_write_queue() {
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
@@ -431,21 +455,42 @@ async fn a_stalled_download_holds_one_chunk_not_a_write_queue() {
     let template = format!(
         "[access_log]\npath = \"{}\"\n{}",
         path.display(),
-        custom_config(0.0, "send_timeout = \"500ms\"", "", "", "")
+        custom_config(0.0, "send_timeout = \"800ms\"", "", "", "")
     );
     let cfg = config(&template, &[&b], &[&g]);
     let (server, proxy) = start_proxy(&cfg).await;
     let (mut s, _) = never_read_download(proxy).await;
+    let client_port = s.local_addr().unwrap().port();
     let open = || metric(&server, "cyan_connections_open", &[]);
     assert!(eventually(Duration::from_secs(1), || open() == 1.0).await);
+    // Stalled: both ends' queues stop moving. What cyan wrote to the
+    // socket is the client's receive queue plus cyan's send queue (the
+    // drop resets the connection and discards the latter).
+    let queues = || {
+        let cyan = tcp_row(proxy.port(), client_port)?;
+        let client = tcp_row(client_port, proxy.port())?;
+        Some((cyan.tx_queue, client.rx_queue))
+    };
+    let mut last = None;
+    let mut stalled = None;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let now = queues();
+        if now.is_some() && now == last {
+            stalled = now;
+            break;
+        }
+        last = now;
+    }
+    let (unsent, _) = stalled.expect("the download never stalled");
     assert!(
         eventually(Duration::from_secs(5), || open() == 0.0).await,
         "the stalled download was not dropped at send_timeout"
     );
-    // What was written to the socket still arrives, then EOF.
+    // What reached the client is still readable, then the reset.
     let mut got = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
-    let eof = tokio::time::timeout(Duration::from_secs(5), async {
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match s.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -454,25 +499,60 @@ async fn a_stalled_download_holds_one_chunk_not_a_write_queue() {
         }
     })
     .await;
-    assert!(eof.is_ok(), "no EOF after the drop");
+    assert!(end.is_ok(), "no end after the drop");
     let head = got
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map(|i| i + 4)
         .expect("a response head arrived");
-    let received = (got.len() - head) as u64;
+    let written = (got.len() - head) as u64 + unsent;
     server.shutdown().await;
     let text = std::fs::read_to_string(&path).unwrap();
     let line: serde_json::Value =
         serde_json::from_str(text.lines().next().expect("one access log line")).unwrap();
     let taken = line["bytes_out"].as_u64().expect("bytes_out");
-    eprintln!("stalled download: {taken} bytes taken from the upstream body, {received} reached the client");
-    assert!(taken >= received, "{taken} taken < {received} received");
-    assert!(
-        taken - received <= 2 * 16 * 1024,
-        "{} bytes were held for a client that was not reading (taken {taken}, received {received})",
-        taken - received
+    eprintln!(
+        "stalled download: {taken} bytes taken from the upstream body, {written} written to the socket ({unsent} of them unsent)"
     );
+    assert!(taken >= written, "{taken} taken < {written} written");
+    assert!(
+        taken - written <= 2 * 16 * 1024,
+        "{} bytes were held for a client that was not reading (taken {taken}, written {written})",
+        taken - written
+    );
+}
+
+/// A loopback IPv4 TCP socket's row in `/proc/net/tcp`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct TcpRow {
+    /// The kernel's state number (1 established, 4 FIN_WAIT1, ...).
+    state: u8,
+    /// Bytes written and not yet acknowledged by the peer.
+    tx_queue: u64,
+    /// Bytes received and not yet read.
+    rx_queue: u64,
+}
+
+/// The socket with these local and remote ports, if the kernel still has
+/// it (TIME_WAIT rows, which hold no data, are skipped).
+fn tcp_row(local_port: u16, remote_port: u16) -> Option<TcpRow> {
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    let hex = |v: &str| u64::from_str_radix(v, 16).ok();
+    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, state, queues) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(4)?);
+        let state = u8::from_str_radix(state, 16).ok()?;
+        if port(local)? != local_port || port(remote)? != remote_port || state == 6 {
+            return None;
+        }
+        let (tx, rx) = queues.split_once(':')?;
+        Some(TcpRow {
+            state,
+            tx_queue: hex(tx)?,
+            rx_queue: hex(rx)?,
+        })
+    })
 }
 
 /// A TCP connection to `proxy` with a 4 KiB receive buffer and an Ethernet
