@@ -635,6 +635,11 @@ impl Connection {
         });
         let _ = stream.set_nodelay(true);
         let lc = &self.ctx.config;
+        if let Some(lowat) = lc.notsent_lowat_bytes {
+            if let Err(e) = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(lowat) {
+                tracing::debug!(%peer, error = %e, "TCP_NOTSENT_LOWAT refused");
+            }
+        }
         let mut client = peer;
         if lc.proxy_protocol && lc.is_trusted(peer.ip()) {
             // Boxed, like every large one-off step below: a connection task

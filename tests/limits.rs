@@ -522,6 +522,42 @@ async fn a_stalled_download_holds_one_chunk_not_a_write_queue() {
     );
 }
 
+/// `notsent_lowat_bytes` reaches the client sockets: a client that stops
+/// reading leaves at most about that much unsent in cyan's send queue, and
+/// cyan takes correspondingly less from the upstream. Without it the queue
+/// grew to ~100 KiB here (the kernel's autotuning), which fails both bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notsent_lowat_bounds_what_a_stalled_client_queues() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let listener = "send_timeout = \"10s\"\nnotsent_lowat_bytes = 16384";
+    let cfg = config(&custom_config(0.0, listener, "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let (s, _) = never_read_download(proxy).await;
+    let client_port = s.local_addr().unwrap().port();
+    // Wait for the queue to stop moving.
+    let mut last = None;
+    let mut stalled = None;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let now = tcp_row(proxy.port(), client_port).map(|r| r.tx_queue);
+        if now.is_some_and(|q| q > 0) && now == last {
+            stalled = now;
+            break;
+        }
+        last = now;
+    }
+    let queued = stalled.expect("the download never stalled");
+    eprintln!("notsent_lowat 16 KiB: {queued} bytes queued in cyan's socket");
+    // The low-water mark plus the one write that crossed it, plus what the
+    // client's 4 KiB window has in flight.
+    assert!(
+        queued <= 16_384 + 16_384 + 8_192,
+        "{queued} bytes queued for a client that is not reading"
+    );
+    drop(s);
+    server.shutdown().await;
+}
+
 /// A loopback IPv4 TCP socket's row in `/proc/net/tcp`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct TcpRow {
