@@ -16,8 +16,10 @@
 #    - slowloris: 3,000 heads trickled a byte at a time, 1,000 bodies trickled
 #      then stalled, 1,000 responses never read, 3,000 TLS connections that
 #      never send a ClientHello; each closed by its timeout (2 s) within 1.5 s,
-#      while a control client keeps its p99 within 2x its baseline (measured
-#      for 4 s right before each attack). With 2 CPUs or more (and taskset)
+#      while a control client keeps its p99 within 2x its baseline (its
+#      quiet windows of 4 s right before and right after each attack, taken
+#      together: a single quiet window's p99 moved 3x from one stretch to
+#      the next on the 2-vCPU VM). With 2 CPUs or more (and taskset)
 #      the measured path, cyan with one worker plus the control client and
 #      its backends, runs on CPU 0 and the attack clients on CPU 1, so the
 #      p99 shows what the attacks cost cyan, not the attackers' own CPU; the

@@ -698,16 +698,16 @@ impl Control {
 
     /// Latencies of the requests started in `[from, to)`.
     pub fn window(&self, from: Instant, to: Instant) -> Latency {
+        self.windows(&[(from, to)])
+    }
+
+    /// Latencies of the requests started in any of the `[from, to)` spans,
+    /// taken together.
+    pub fn windows(&self, spans: &[(Instant, Instant)]) -> Latency {
+        let within = |s: &Sample| spans.iter().any(|&(from, to)| s.at >= from && s.at < to);
         let all = self.samples.lock().unwrap();
-        let mut took: Vec<Duration> = all
-            .iter()
-            .filter(|s| s.at >= from && s.at < to)
-            .map(|s| s.took)
-            .collect();
-        let failed = all
-            .iter()
-            .filter(|s| s.at >= from && s.at < to && !s.ok)
-            .count();
+        let mut took: Vec<Duration> = all.iter().filter(|s| within(s)).map(|s| s.took).collect();
+        let failed = all.iter().filter(|s| within(s) && !s.ok).count();
         took.sort();
         let pick = |q: f64| -> Duration {
             if took.is_empty() {
