@@ -466,23 +466,7 @@ async fn a_stalled_download_holds_one_chunk_not_a_write_queue() {
     // Stalled: both ends' queues stop moving. What cyan wrote to the
     // socket is the client's receive queue plus cyan's send queue (the
     // drop resets the connection and discards the latter).
-    let queues = || {
-        let cyan = tcp_row(proxy.port(), client_port)?;
-        let client = tcp_row(client_port, proxy.port())?;
-        Some((cyan.tx_queue, client.rx_queue))
-    };
-    let mut last = None;
-    let mut stalled = None;
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        let now = queues();
-        if now.is_some() && now == last {
-            stalled = now;
-            break;
-        }
-        last = now;
-    }
-    let (unsent, _) = stalled.expect("the download never stalled");
+    let (unsent, _) = stalled_queues(proxy.port(), client_port).await;
     assert!(
         eventually(Duration::from_secs(5), || open() == 0.0).await,
         "the stalled download was not dropped at send_timeout"
@@ -523,9 +507,8 @@ async fn a_stalled_download_holds_one_chunk_not_a_write_queue() {
 }
 
 /// `notsent_lowat_bytes` reaches the client sockets: a client that stops
-/// reading leaves at most about that much unsent in cyan's send queue, and
-/// cyan takes correspondingly less from the upstream. Without it the queue
-/// grew to ~100 KiB here (the kernel's autotuning), which fails both bounds.
+/// reading leaves at most about that much unsent in cyan's send queue.
+/// Without it the queue grew to ~100 KiB here (the kernel's autotuning).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notsent_lowat_bounds_what_a_stalled_client_queues() {
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
@@ -534,19 +517,7 @@ async fn notsent_lowat_bounds_what_a_stalled_client_queues() {
     let (server, proxy) = start_proxy(&cfg).await;
     let (s, _) = never_read_download(proxy).await;
     let client_port = s.local_addr().unwrap().port();
-    // Wait for the queue to stop moving.
-    let mut last = None;
-    let mut stalled = None;
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        let now = tcp_row(proxy.port(), client_port).map(|r| r.tx_queue);
-        if now.is_some_and(|q| q > 0) && now == last {
-            stalled = now;
-            break;
-        }
-        last = now;
-    }
-    let queued = stalled.expect("the download never stalled");
+    let (queued, _) = stalled_queues(proxy.port(), client_port).await;
     eprintln!("notsent_lowat 16 KiB: {queued} bytes queued in cyan's socket");
     // The low-water mark plus the one write that crossed it, plus what the
     // client's 4 KiB window has in flight.
@@ -556,6 +527,27 @@ async fn notsent_lowat_bounds_what_a_stalled_client_queues() {
     );
     drop(s);
     server.shutdown().await;
+}
+
+/// Waits (up to 750 ms) until cyan's socket to a client that does not read
+/// holds bytes and neither end's queue moves any more; returns cyan's send
+/// queue and the client's receive queue then.
+async fn stalled_queues(proxy_port: u16, client_port: u16) -> (u64, u64) {
+    let queues = || {
+        let cyan = tcp_row(proxy_port, client_port)?;
+        let client = tcp_row(client_port, proxy_port)?;
+        Some((cyan.tx_queue, client.rx_queue))
+    };
+    let mut last = None;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let now = queues();
+        if let Some(q) = now.filter(|&(tx, _)| tx > 0 && now == last) {
+            return q;
+        }
+        last = now;
+    }
+    panic!("the download never stalled: queues {last:?}");
 }
 
 /// A loopback IPv4 TCP socket's row in `/proc/net/tcp`.
