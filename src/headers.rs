@@ -345,18 +345,38 @@ pub fn set_forwarding_with(
     }
 }
 
-/// Keeps a sane incoming X-Request-Id or generates one; returns it.
+/// Keeps a sane incoming X-Request-Id or generates one; returns it, marked
+/// as [`never_indexed`] like the copy left in `headers`.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     let mut ids = headers.get_all(&X_REQUEST_ID).iter();
-    if let (Some(v), None) = (ids.next(), ids.next()) {
-        let b = v.as_bytes();
-        if (1..=128).contains(&b.len()) && b.iter().all(|c| c.is_ascii_graphic()) {
+    let sane = match (ids.next(), ids.next()) {
+        (Some(v), None) => {
+            let b = v.as_bytes();
+            (1..=128).contains(&b.len()) && b.iter().all(|c| c.is_ascii_graphic())
+        }
+        _ => false,
+    };
+    if sane {
+        if let Some(v) = headers.get_mut(&X_REQUEST_ID) {
+            never_indexed(v);
             return v.clone();
         }
     }
-    let id = new_request_id();
+    let mut id = new_request_id();
+    never_indexed(&mut id);
     headers.insert(&X_REQUEST_ID, id.clone());
     id
+}
+
+/// Marks a value that differs on every message (a request id) so HTTP/2's
+/// HPACK sends it as a literal that is never indexed. Indexed, each new id
+/// went into the encoder's dynamic table, where h2 chains entries of one
+/// name: every response walked all the ids still in the table comparing
+/// values, then evicted one. Never indexed it costs ~10 bytes more on the
+/// wire and much less CPU (benches/README.md "Profile"). HTTP/1.1 ignores
+/// the flag.
+pub fn never_indexed(v: &mut HeaderValue) {
+    v.set_sensitive(true);
 }
 
 /// 32 lowercase hex characters of randomness.
@@ -539,9 +559,13 @@ mod tests {
         let id = ensure_request_id(&mut h);
         assert_eq!(id.len(), 32);
         assert_eq!(h.get("x-request-id").unwrap(), &id);
+        // Never indexed by HPACK, both the copy returned and the one sent on.
+        assert!(id.is_sensitive() && h.get("x-request-id").unwrap().is_sensitive());
         let mut h = HeaderMap::new();
         h.insert("x-request-id", HeaderValue::from_static("abc-123"));
-        assert_eq!(ensure_request_id(&mut h), "abc-123");
+        let kept = ensure_request_id(&mut h);
+        assert_eq!(kept, "abc-123");
+        assert!(kept.is_sensitive() && h.get("x-request-id").unwrap().is_sensitive());
         let mut h = HeaderMap::new();
         h.insert("x-request-id", HeaderValue::from_static("has space"));
         assert_ne!(ensure_request_id(&mut h), "has space");

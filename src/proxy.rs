@@ -432,8 +432,11 @@ fn respond(
             .headers
             .insert(h.clone(), HeaderValue::from_static(color.as_str()));
     }
-    if !parts.headers.contains_key(&headers::X_REQUEST_ID) {
-        parts.headers.insert(&headers::X_REQUEST_ID, request_id);
+    match parts.headers.get_mut(&headers::X_REQUEST_ID) {
+        Some(echoed) => headers::never_indexed(echoed),
+        None => {
+            parts.headers.insert(&headers::X_REQUEST_ID, request_id);
+        }
     }
     guard.set_response(parts.status.as_u16(), pooled);
     Response::from_parts(parts, RespBody::upstream(body, guard))
