@@ -187,11 +187,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                 {
                     continue;
                 }
-                let present = headers
+                let found = headers
                     .keys()
                     .find(|k| k.as_str().as_bytes().eq_ignore_ascii_case(token));
                 // The fixed names are removed below, once, if present.
-                if let Some(name) = present.filter(|n| hop_by_hop_bit(n) == 0) {
+                if let Some(name) = found.filter(|n| hop_by_hop_bit(n) == 0) {
                     named.push(name.clone());
                 }
             }

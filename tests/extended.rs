@@ -215,18 +215,10 @@ async fn silent_tls(proxy: SocketAddr) -> Fate {
     }
 }
 
-/// Asks for `len` bytes on a socket with a tiny receive buffer and never
-/// reads: the proxy's writes stall. The socket announces an Ethernet-sized
-/// MSS, as a client across a network would (loopback's 64 KiB MSS would
-/// make the proxy's send buffer autotune to megabytes per connection).
-/// Returns the socket, kept open.
+/// Asks for `len` bytes on a [`small_window_connect`] socket and never
+/// reads: the proxy's writes stall. Returns the socket, kept open.
 async fn stalled_reader(proxy: SocketAddr, len: u64) -> Option<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
-    sock.set_tcp_mss(1460).ok()?;
-    sock.set_recv_buffer_size(4096).ok()?;
-    sock.set_nonblocking(true).ok()?;
-    let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
-    let mut s = sock.connect(proxy).await.ok()?;
+    let mut s = small_window_connect(proxy).await.ok()?;
     let req = format!("GET /big/{len} HTTP/1.1\r\nHost: a\r\n\r\n");
     s.write_all(req.as_bytes()).await.ok()?;
     Some(s)

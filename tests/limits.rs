@@ -583,21 +583,10 @@ fn tcp_row(local_port: u16, remote_port: u16) -> Option<TcpRow> {
     })
 }
 
-/// A TCP connection to `proxy` with a 4 KiB receive buffer and an Ethernet
-/// MSS, so the proxy's writes to it fill the socket at once.
-async fn small_window_connect(proxy: SocketAddr) -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_tcp_mss(1460).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.set_nonblocking(true).unwrap();
-    let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
-    sock.connect(proxy).await.unwrap()
-}
-
 /// Asks for a 256 MiB download on a [`small_window_connect`] socket that
 /// the caller then does not read: the proxy's writes stall at once.
 async fn never_read_download(proxy: SocketAddr) -> (TcpStream, u64) {
-    let mut s = small_window_connect(proxy).await;
+    let mut s = small_window_connect(proxy).await.unwrap();
     let len: u64 = 256 << 20;
     s.write_all(format!("GET /big/{len} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
         .await
@@ -675,9 +664,9 @@ async fn a_stop_and_go_reader_gets_every_byte_plain_and_tls() {
     let (plain, plain_addr) = start_proxy(&plain_cfg).await;
     let (tls, tls_addr) = start_proxy(&tls_cfg).await;
     let n = 4 << 20;
-    let took = stop_and_go_download(small_window_connect(plain_addr).await, n).await;
+    let took = stop_and_go_download(small_window_connect(plain_addr).await.unwrap(), n).await;
     eprintln!("plain: {n} bytes in {took:?}");
-    let tcp = small_window_connect(tls_addr).await;
+    let tcp = small_window_connect(tls_addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     let stream = tls_connector_any().connect(name, tcp).await.expect("TLS");
     let took = stop_and_go_download(stream, n).await;

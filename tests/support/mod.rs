@@ -1252,3 +1252,15 @@ pub fn candidate_bp(app: &cyan::app::App) -> u16 {
         .split
         .candidate_bp
 }
+
+/// A TCP connection to `proxy` with a 4 KiB receive buffer and an Ethernet
+/// MSS, so the proxy's writes to it fill the socket at once (loopback's
+/// 64 KiB MSS would make the proxy's send buffer autotune to megabytes).
+pub async fn small_window_connect(proxy: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.set_tcp_mss(1460)?;
+    sock.set_recv_buffer_size(4096)?;
+    sock.set_nonblocking(true)?;
+    let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
+    sock.connect(proxy).await
+}
