@@ -386,13 +386,20 @@ pub struct ListenerConfig {
     pub send_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
     /// `TCP_NOTSENT_LOWAT` on client sockets: at most about this many bytes
-    /// wait unsent in a client socket's send queue. `None` (the default)
+    /// wait unsent in a client socket's send queue. Default 16384
+    /// ([`defaults::NOTSENT_LOWAT_BYTES`]); `0` in the file (`None` here)
     /// keeps the kernel's setting (`net.ipv4.tcp_notsent_lowat`, unlimited
-    /// unless changed), which lets the queue of a client that stopped
-    /// reading grow to ~100 KiB of kernel memory on loopback. 16384 holds
-    /// it at ~17 KiB and cuts cyan's CPU in the slow-reader attack by
-    /// ~15 %, but one fast download on one core runs ~20 % slower (more
-    /// wake-ups per byte); measured in `benches/README.md`.
+    /// unless changed).
+    ///
+    /// On by default since 2026-11-22 (it was opt-in): unset, the queue of
+    /// a client that stopped reading grew to ~100 KiB of kernel memory, all
+    /// of it taken from the upstream first, and each such client cost a
+    /// single worker ~0.4 ms of copying that every other connection's
+    /// request queued behind: the slow-reader attack of the extended tier
+    /// moved the control p99 by 0.20 ms unset against 0.12 ms at 16384
+    /// (median of 7 runs each). The price is one fast bulk download on
+    /// one core, ~20 % slower on loopback (more wake-ups per byte); both
+    /// measured in `benches/README.md`, "Clients that stop reading".
     pub notsent_lowat_bytes: Option<u32>,
 }
 
@@ -623,6 +630,8 @@ pub mod defaults {
     pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
     pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
     pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+    /// `[[listener]] notsent_lowat_bytes` (see `ListenerConfig`).
+    pub const NOTSENT_LOWAT_BYTES: u32 = 16 * 1024;
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
     pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
     pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1151,13 +1160,14 @@ fn validate_listener(
             "must be at least 1",
         );
     }
-    if let Some(v) = l.notsent_lowat_bytes {
-        if !(1024..=16 << 20).contains(&v) {
-            p.push(
-                format!("{key}.notsent_lowat_bytes"),
-                format!("must be in 1024..=16777216 (got {v})"),
-            );
-        }
+    let notsent_lowat = l
+        .notsent_lowat_bytes
+        .unwrap_or(defaults::NOTSENT_LOWAT_BYTES);
+    if notsent_lowat != 0 && !(1024..=16 << 20).contains(&notsent_lowat) {
+        p.push(
+            format!("{key}.notsent_lowat_bytes"),
+            format!("must be 0 (the kernel's setting) or in 1024..=16777216 (got {notsent_lowat})"),
+        );
     }
     let cfg = ListenerConfig {
         name: l.name,
@@ -1193,7 +1203,7 @@ fn validate_listener(
             defaults::SEND_TIMEOUT,
         ),
         h2_max_concurrent_streams,
-        notsent_lowat_bytes: l.notsent_lowat_bytes,
+        notsent_lowat_bytes: (notsent_lowat != 0).then_some(notsent_lowat),
     };
     Some(cfg)
 }
@@ -1834,22 +1844,27 @@ green = { endpoints = ["127.0.0.1:9001"] }
     }
 
     #[test]
-    fn notsent_lowat_is_off_by_default_and_bounded() {
+    fn notsent_lowat_defaults_to_16k_can_be_off_and_is_bounded() {
         let c = Config::parse(MINIMAL).unwrap();
-        assert_eq!(c.listeners[0].notsent_lowat_bytes, None);
+        assert_eq!(c.listeners[0].notsent_lowat_bytes, Some(16384));
         let with = |v: &str| {
             MINIMAL.replace(
                 "listen = \"127.0.0.1:8080\"",
                 &format!("listen = \"127.0.0.1:8080\"\nnotsent_lowat_bytes = {v}"),
             )
         };
-        let c = Config::parse(&with("16384")).unwrap();
-        assert_eq!(c.listeners[0].notsent_lowat_bytes, Some(16384));
-        for bad in ["0", "512", "33554432"] {
+        let c = Config::parse(&with("65536")).unwrap();
+        assert_eq!(c.listeners[0].notsent_lowat_bytes, Some(65536));
+        let c = Config::parse(&with("0")).unwrap();
+        assert_eq!(
+            c.listeners[0].notsent_lowat_bytes, None,
+            "0: the kernel's setting"
+        );
+        for bad in ["1", "512", "33554432"] {
             let e = Config::parse(&with(bad)).unwrap_err().to_string();
             assert!(
                 e.contains(&format!(
-                    "listener[public].notsent_lowat_bytes: must be in 1024..=16777216 (got {bad})"
+                    "listener[public].notsent_lowat_bytes: must be 0 (the kernel's setting) or in 1024..=16777216 (got {bad})"
                 )),
                 "{e}"
             );

@@ -507,26 +507,37 @@ async fn a_stalled_download_holds_one_chunk_not_a_write_queue() {
 }
 
 /// `notsent_lowat_bytes` reaches the client sockets: a client that stops
-/// reading leaves at most about that much unsent in cyan's send queue.
-/// Without it the queue grew to ~100 KiB here (the kernel's autotuning).
+/// reading leaves at most about 16 KiB unsent in cyan's send queue by
+/// default, and `0` hands the queue back to the kernel's autotuning (~100
+/// KiB here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notsent_lowat_bounds_what_a_stalled_client_queues() {
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let listener = "send_timeout = \"10s\"\nnotsent_lowat_bytes = 16384";
-    let cfg = config(&custom_config(0.0, listener, "", "", ""), &[&b], &[&g]);
-    let (server, proxy) = start_proxy(&cfg).await;
-    let (s, _) = never_read_download(proxy).await;
-    let client_port = s.local_addr().unwrap().port();
-    let (queued, _) = stalled_queues(proxy.port(), client_port).await;
-    eprintln!("notsent_lowat 16 KiB: {queued} bytes queued in cyan's socket");
     // The low-water mark plus the one write that crossed it, plus what the
     // client's 4 KiB window has in flight.
-    assert!(
-        queued <= 16_384 + 16_384 + 8_192,
-        "{queued} bytes queued for a client that is not reading"
-    );
-    drop(s);
-    server.shutdown().await;
+    let bound = 16_384 + 16_384 + 8_192;
+    for (setting, bounded) in [("", true), ("notsent_lowat_bytes = 0", false)] {
+        let listener = format!("send_timeout = \"10s\"\n{setting}");
+        let cfg = config(&custom_config(0.0, &listener, "", "", ""), &[&b], &[&g]);
+        let (server, proxy) = start_proxy(&cfg).await;
+        let (s, _) = never_read_download(proxy).await;
+        let client_port = s.local_addr().unwrap().port();
+        let (queued, _) = stalled_queues(proxy.port(), client_port).await;
+        eprintln!("[{setting}]: {queued} bytes queued in cyan's socket");
+        if bounded {
+            assert!(
+                queued <= bound,
+                "default: {queued} bytes queued for a client that is not reading"
+            );
+        } else {
+            assert!(
+                queued > bound,
+                "with the kernel's setting only {queued} bytes queued: is the default applied regardless?"
+            );
+        }
+        drop(s);
+        server.shutdown().await;
+    }
 }
 
 /// Waits (up to 750 ms) until cyan's socket to a client that does not read
