@@ -363,10 +363,11 @@ impl Drop for RequestGuard {
                 u.upstream.record_outcome(failed);
                 u.metrics.window.record(now, failed, elapsed);
             }
-            if u.complete {
-                if let Some(p) = u.pooled {
-                    u.upstream.check_in(p);
-                }
+            match u.pooled {
+                Some(p) if u.complete => u.upstream.check_in(p),
+                // A 101's connection belongs to the tunnel now.
+                Some(p) if u.status != 101 => p.abandon(),
+                _ => {}
             }
         }
     }
@@ -417,6 +418,15 @@ impl RespBody {
         }
         // Account now rather than when hyper drops the body.
         self.guard = None;
+    }
+}
+
+impl Drop for RespBody {
+    fn drop(&mut self) {
+        // The guard first: an abandoned upstream connection is marked for a
+        // reset before dropping `inner` wakes its task, which on another
+        // worker could otherwise close it gracefully first.
+        self.guard.take();
     }
 }
 

@@ -382,11 +382,14 @@ fn respond(
     let (mut parts, body) = resp.into_parts();
     // A response framed two ways (RFC 9112 §6.3) is a smuggling attempt or a
     // broken upstream: nothing of it reaches the client and its connection
-    // is not reused (`pooled` is dropped with it).
+    // is not reused (stopped at once, nothing more of it read).
     if parts.headers.contains_key(header::TRANSFER_ENCODING)
         && parts.headers.contains_key(header::CONTENT_LENGTH)
     {
-        drop((body, pooled));
+        drop(body);
+        if let Some(p) = pooled {
+            p.abandon();
+        }
         tracing::warn!(service = %svc.name, %color, "upstream response has both Content-Length and Transfer-Encoding");
         if let Some(a) = guard.access() {
             a.error = Some("bad_response");

@@ -17,8 +17,10 @@
 //! anything was written returns it to the caller for a retry elsewhere.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -79,17 +81,99 @@ pub struct SendFailure {
 /// A connection to return to the pool once its response has been read.
 #[derive(Debug)]
 pub enum Pooled {
-    H1(http1::SendRequest<ReqBody>),
+    H1(H1Conn),
+}
+
+impl Pooled {
+    /// The response was abandoned (the client left, or it was refused):
+    /// the connection cannot be reused, so its task is stopped now and its
+    /// socket reset. Left alone, hyper would read on into a buffer nobody
+    /// takes, then shut the socket down gracefully (a recv of up to
+    /// `read_buffer_bytes` and a shutdown, ~30 µs of a worker on loopback,
+    /// seen in the slow-reader attack's syscall trace), and the graceful
+    /// close would park cyan's end in TIME_WAIT, one local port per
+    /// abandoned download. The reset is what HAProxy sends on an aborted
+    /// server connection too.
+    pub fn abandon(self) {
+        let Pooled::H1(c) = self;
+        c.abandoned.store(true, Ordering::Relaxed);
+        c.task.abort();
+    }
+}
+
+/// An HTTP/1.1 upstream connection: hyper's sender, and a handle on the task
+/// that drives the connection.
+#[derive(Debug)]
+pub struct H1Conn {
+    tx: http1::SendRequest<ReqBody>,
+    task: tokio::task::AbortHandle,
+    /// Shared with the socket ([`UpstreamTcp`]): reset it when it closes.
+    abandoned: Arc<AtomicBool>,
+}
+
+/// An upstream TCP socket (under TLS when there is TLS) that closes with a
+/// reset once its connection was abandoned ([`Pooled::abandon`]).
+struct UpstreamTcp {
+    io: TcpStream,
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Drop for UpstreamTcp {
+    fn drop(&mut self) {
+        if self.abandoned.load(Ordering::Relaxed) {
+            let _ = socket2::SockRef::from(&self.io).set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+impl AsyncRead for UpstreamTcp {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for UpstreamTcp {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 enum Sender {
-    H1(http1::SendRequest<ReqBody>),
+    H1(H1Conn),
     H2(http2::SendRequest<ReqBody>),
 }
 
 #[derive(Debug)]
 struct Idle {
-    tx: http1::SendRequest<ReqBody>,
+    conn: H1Conn,
     since: Instant,
 }
 
@@ -184,15 +268,15 @@ impl Upstream {
     /// marks it ready a moment after the body's end reached us; one not yet
     /// ready is awaited (bounded) in a small task, off the request path.
     pub fn check_in(&self, pooled: Pooled) {
-        let Pooled::H1(tx) = pooled;
-        if tx.is_closed() {
+        let Pooled::H1(conn) = pooled;
+        if conn.tx.is_closed() {
             return;
         }
         // Its response has been read to the end, so hyper marks it ready a
         // moment from now (its connection task has not run yet). Pool it at
         // once: the next request must find it, not open a new connection.
         let _ = self.idle.push(Idle {
-            tx,
+            conn,
             since: Instant::now(),
         });
     }
@@ -213,7 +297,7 @@ impl Upstream {
 
     /// Open and young enough (it may still be settling into readiness).
     fn usable(&self, i: &Idle) -> bool {
-        !i.tx.is_closed() && i.since.elapsed() < self.settings.idle_timeout
+        !i.conn.tx.is_closed() && i.since.elapsed() < self.settings.idle_timeout
     }
 
     async fn checkout(&self) -> Option<Sender> {
@@ -223,16 +307,16 @@ impl Upstream {
                     if !self.usable(&i) {
                         continue;
                     }
-                    if i.tx.is_ready() {
-                        return Some(Sender::H1(i.tx));
+                    if i.conn.tx.is_ready() {
+                        return Some(Sender::H1(i.conn));
                     }
                     // Checked in a moment ago, not marked ready yet: that
                     // takes microseconds; a connection that does not get
                     // there quickly is dropped.
                     if let Ok(Ok(())) =
-                        tokio::time::timeout(Duration::from_millis(20), i.tx.ready()).await
+                        tokio::time::timeout(Duration::from_millis(20), i.conn.tx.ready()).await
                     {
-                        return Some(Sender::H1(i.tx));
+                        return Some(Sender::H1(i.conn));
                     }
                 }
                 None
@@ -275,17 +359,22 @@ impl Upstream {
             Ok(Ok(s)) => s,
         };
         let _ = tcp.set_nodelay(true);
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let tcp = UpstreamTcp {
+            io: tcp,
+            abandoned: abandoned.clone(),
+        };
         let handshake_err = |source: BoxError| UpstreamError::Handshake { addr, source };
         let fut = async {
             match &self.tls {
-                None => handshake(tcp, &self.settings).await,
+                None => handshake(tcp, &self.settings, abandoned).await,
                 Some(tls) => {
                     let stream = tls
                         .connector
                         .connect(tls.server_name.clone(), tcp)
                         .await
                         .map_err(|e| Box::new(e) as BoxError)?;
-                    handshake(stream, &self.settings).await
+                    handshake(stream, &self.settings, abandoned).await
                 }
             }
         };
@@ -325,11 +414,11 @@ impl Upstream {
                 },
             };
             let result = match sender {
-                Sender::H1(mut tx) => {
-                    let fut = tx.try_send_request(req);
+                Sender::H1(mut conn) => {
+                    let fut = conn.tx.try_send_request(req);
                     self.await_head(fut, body_sent)
                         .await
-                        .map(|resp| (resp, Some(Pooled::H1(tx))))
+                        .map(|resp| (resp, Some(Pooled::H1(conn))))
                 }
                 Sender::H2(mut tx) => {
                     let fut = tx.try_send_request(req);
@@ -424,7 +513,11 @@ enum Attempt {
     Failed(UpstreamError),
 }
 
-async fn handshake<IO>(io: IO, settings: &UpstreamSettings) -> Result<Sender, BoxError>
+async fn handshake<IO>(
+    io: IO,
+    settings: &UpstreamSettings,
+    abandoned: Arc<AtomicBool>,
+) -> Result<Sender, BoxError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -435,12 +528,17 @@ where
                 .max_buf_size(settings.read_buffer_bytes)
                 .handshake(io)
                 .await?;
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "upstream connection ended");
                 }
-            });
-            Ok(Sender::H1(tx))
+            })
+            .abort_handle();
+            Ok(Sender::H1(H1Conn {
+                tx,
+                task,
+                abandoned,
+            }))
         }
         Protocol::H2 | Protocol::H2c => {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())

@@ -840,3 +840,104 @@ async fn short_drain_deadline_resets_hundreds_of_slow_requests_and_counts_them()
     assert_no_connection_open(&metrics);
     assert_sockets_back(base, "short drain", None, &[]).await;
 }
+
+/// How a raw upstream saw cyan leave the connection it was streaming on.
+#[derive(Debug, PartialEq)]
+enum UpstreamEnd {
+    /// A FIN first: cyan shut the connection down gracefully.
+    Fin,
+    /// A reset, with no FIN before it.
+    Reset,
+    /// Neither within the wait.
+    StillOpen,
+}
+
+/// A client that leaves in the middle of a download: cyan stops the
+/// upstream connection at once (a reset, the upstream's unread bytes still
+/// in its socket) instead of letting the connection read on into a buffer
+/// nobody takes and then shut down gracefully. The upstream here streams a
+/// 1 GiB body and watches its own socket: a graceful end shows as a FIN
+/// (a read of 0) before the reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_the_client_abandons_has_its_upstream_connection_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _one_at_a_time = HEAVY.lock().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (sock, _) = listener.accept().await.unwrap();
+        let (mut rd, wr) = sock.into_split();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        // One task reads and writes in turn, so the first call after a
+        // reset is the one that reports it (a separate writer would take
+        // the error and leave the reader an EOF).
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut wr = wr;
+        let end = async {
+            if wr
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return UpstreamEnd::StillOpen;
+            }
+            let reset = |e: &std::io::Error| {
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                )
+            };
+            loop {
+                tokio::select! {
+                    r = rd.read(&mut buf) => match r {
+                        Ok(0) => return UpstreamEnd::Fin,
+                        Err(e) if reset(&e) => return UpstreamEnd::Reset,
+                        other => panic!("the upstream read {other:?}"),
+                    },
+                    r = wr.write_all(&chunk) => match r {
+                        Ok(()) => {}
+                        Err(e) if reset(&e) => return UpstreamEnd::Reset,
+                        Err(e) => panic!("the upstream write failed: {e}"),
+                    },
+                }
+            }
+        };
+        let end = tokio::time::timeout(Duration::from_secs(5), end)
+            .await
+            .unwrap_or(UpstreamEnd::StillOpen);
+        let _ = end_tx.send(end);
+    });
+    let cfg = with_addrs(&service_config(0.0, ""), &[upstream], &[upstream]);
+    let (server, proxy) = start_proxy(&cfg).await;
+
+    let mut client = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    while got < 1 << 20 {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the download flows")
+            .unwrap();
+        assert!(n > 0, "the download ended early");
+        got += n;
+    }
+    drop(client);
+    let end = tokio::time::timeout(Duration::from_secs(5), end_rx)
+        .await
+        .map(|r| r.unwrap_or(UpstreamEnd::StillOpen))
+        .unwrap_or(UpstreamEnd::StillOpen);
+    assert_eq!(end, UpstreamEnd::Reset, "how the upstream connection ended");
+    server.shutdown().await;
+}
