@@ -395,9 +395,9 @@ pub struct ListenerConfig {
     /// a client that stopped reading grew to ~100 KiB of kernel memory, all
     /// of it taken from the upstream first, and each such client cost a
     /// single worker ~0.4 ms of copying that every other connection's
-    /// request queued behind: the slow-reader attack of the extended tier
-    /// moved the control p99 by 0.20 ms unset against 0.12 ms at 16384
-    /// (median of 7 runs each). The price is one fast bulk download on
+    /// request queued behind: in the extended tier's slow-reader attack the
+    /// control p99 was 0.42 ms unset against 0.34 ms at 16384 (medians of
+    /// 7 alternating runs each). The price is one fast bulk download on
     /// one core, ~20 % slower on loopback (more wake-ups per byte); both
     /// measured in `benches/README.md`, "Clients that stop reading".
     pub notsent_lowat_bytes: Option<u32>,
