@@ -224,19 +224,12 @@ async fn stalled_reader(proxy: SocketAddr, len: u64) -> Option<TcpStream> {
     Some(s)
 }
 
-/// The sockets whose local end is `port` on 127.0.0.1 (cyan's accepted
-/// connections), from `/proc/net/tcp`: every state but LISTEN and
-/// TIME_WAIT.
+/// The sockets whose local end is `port` (cyan's accepted connections),
+/// from `/proc/net/tcp`: every state but LISTEN and TIME_WAIT.
 fn proxy_side_sockets(port: u16) -> usize {
-    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    let wanted = format!("0100007F:{port:04X}");
-    text.lines()
-        .skip(1)
-        .filter(|line| {
-            let mut f = line.split_whitespace();
-            let (local, state) = (f.nth(1), f.nth(1));
-            local == Some(wanted.as_str()) && !matches!(state, Some("0A" | "06"))
-        })
+    tcp_rows()
+        .iter()
+        .filter(|r| r.local_port == port && !matches!(r.state, TCP_LISTEN | TCP_TIME_WAIT))
         .count()
 }
 

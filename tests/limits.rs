@@ -561,36 +561,11 @@ async fn stalled_queues(proxy_port: u16, client_port: u16) -> (u64, u64) {
     panic!("the download never stalled: queues {last:?}");
 }
 
-/// A loopback IPv4 TCP socket's row in `/proc/net/tcp`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct TcpRow {
-    /// The kernel's state number (1 established, 4 FIN_WAIT1, ...).
-    state: u8,
-    /// Bytes written and not yet acknowledged by the peer.
-    tx_queue: u64,
-    /// Bytes received and not yet read.
-    rx_queue: u64,
-}
-
 /// The socket with these local and remote ports, if the kernel still has
 /// it (TIME_WAIT rows, which hold no data, are skipped).
 fn tcp_row(local_port: u16, remote_port: u16) -> Option<TcpRow> {
-    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
-    let hex = |v: &str| u64::from_str_radix(v, 16).ok();
-    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    text.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (local, remote, state, queues) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(4)?);
-        let state = u8::from_str_radix(state, 16).ok()?;
-        if port(local)? != local_port || port(remote)? != remote_port || state == 6 {
-            return None;
-        }
-        let (tx, rx) = queues.split_once(':')?;
-        Some(TcpRow {
-            state,
-            tx_queue: hex(tx)?,
-            rx_queue: hex(rx)?,
-        })
+    tcp_rows().into_iter().find(|r| {
+        r.local_port == local_port && r.remote_port == remote_port && r.state != TCP_TIME_WAIT
     })
 }
 

@@ -1264,3 +1264,42 @@ pub async fn small_window_connect(proxy: SocketAddr) -> std::io::Result<tokio::n
     let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
     sock.connect(proxy).await
 }
+
+/// An IPv4 TCP socket's row in `/proc/net/tcp`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TcpRow {
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// The kernel's state number (1 established, 4 FIN_WAIT1, 6 TIME_WAIT,
+    /// 10 LISTEN, ...).
+    pub state: u8,
+    /// Bytes written and not yet acknowledged by the peer.
+    pub tx_queue: u64,
+    /// Bytes received and not yet read.
+    pub rx_queue: u64,
+}
+
+pub const TCP_TIME_WAIT: u8 = 6;
+pub const TCP_LISTEN: u8 = 10;
+
+/// Every IPv4 TCP socket the kernel has (none if the table is unreadable).
+pub fn tcp_rows() -> Vec<TcpRow> {
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    let hex = |v: &str| u64::from_str_radix(v, 16).ok();
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote, state, queues) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(4)?);
+            let (tx, rx) = queues.split_once(':')?;
+            Some(TcpRow {
+                local_port: port(local)?,
+                remote_port: port(remote)?,
+                state: u8::from_str_radix(state, 16).ok()?,
+                tx_queue: hex(tx)?,
+                rx_queue: hex(rx)?,
+            })
+        })
+        .collect()
+}
