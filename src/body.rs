@@ -378,6 +378,9 @@ impl Drop for RequestGuard {
 pub struct RespBody {
     inner: RespInner,
     guard: Option<RequestGuard>,
+    /// A chunk was just handed over: hyper writes it before it gets the
+    /// next (HTTP/1.1; see `poll_frame`).
+    flush_first: bool,
 }
 
 #[derive(Debug)]
@@ -396,6 +399,7 @@ impl RespBody {
         RespBody {
             inner: RespInner::Full((!data.is_empty()).then_some(data)),
             guard,
+            flush_first: false,
         }
     }
 
@@ -409,6 +413,7 @@ impl RespBody {
         RespBody {
             inner: RespInner::Upstream(inner),
             guard: Some(guard),
+            flush_first: false,
         }
     }
 
@@ -446,6 +451,19 @@ impl Body for RespBody {
             RespInner::Upstream(_) if this.guard.as_ref().is_some_and(|g| g.conn.body_held()) => {
                 Poll::Pending
             }
+            // HTTP/1.1: one Pending after each chunk, so hyper flushes it
+            // (and learns whether the socket is full) before it asks for the
+            // next. Otherwise, with the upstream's connection task refilling
+            // the body on another worker, hyper could queue several chunks
+            // before its first write; with the 16 KiB notsent mark the
+            // socket then took only the first and 52 KiB stayed held for a
+            // client that was not reading (about one run in twenty of
+            // `tests/limits.rs`'s stalled download).
+            RespInner::Upstream(_) if this.flush_first => {
+                this.flush_first = false;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
             RespInner::Upstream(b) => match Pin::new(&mut *b).poll_frame(cx) {
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(g) = this.guard.as_mut() {
@@ -460,6 +478,7 @@ impl Body for RespBody {
                     ) {
                         a.bytes_out += d.len() as u64;
                     }
+                    this.flush_first = this.guard.as_ref().is_some_and(|g| g.conn.holds_bodies());
                     // hyper stops polling once `is_end_stream` is true (an
                     // exact Content-Length is fully sent): complete now, or
                     // the connection would never go back to the pool.

@@ -170,8 +170,13 @@ impl ConnActivity {
     /// HTTP/2 polls bodies in per-stream tasks and is left alone (its flow
     /// control bounds what a stream holds).
     pub fn body_held(&self) -> bool {
+        self.holds_bodies() && self.write_blocked.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether response bodies on this connection are held while its socket
+    /// is full (HTTP/1.1), see [`ConnActivity::body_held`].
+    pub fn holds_bodies(&self) -> bool {
         self.hold_body_when_blocked.load(Ordering::Relaxed)
-            && self.write_blocked.load(Ordering::Relaxed) != 0
     }
 
     /// How long until a stalled write to the client reaches `limit`; `None`
