@@ -67,6 +67,12 @@ pub struct ClientBody {
     /// Told once the body has been read to its end (the connection may then
     /// be released between requests, see [`crate::keepalive`]).
     probe: Option<Arc<IdleProbe>>,
+    /// Bytes read ahead by [`ReqBody::buffer`], sent before the rest.
+    ahead: Option<Bytes>,
+    /// Trailers read ahead (they end the body).
+    trailers: Option<http::HeaderMap>,
+    /// `inner` has returned its end.
+    inner_done: bool,
 }
 
 impl ReqBody {
@@ -89,12 +95,121 @@ impl ReqBody {
             timer: None,
             sent: Some(sent.clone()),
             probe: Some(probe.clone()),
+            ahead: None,
+            trailers: None,
+            inner_done: false,
         };
         (ReqBody::Client(body), Some(sent))
+    }
+
+    /// Reads a client body ahead, before an upstream connection is taken:
+    /// until it ends or `limit` bytes have come, whichever is first (see
+    /// `[[listener]] request_buffer_bytes`). What was read is sent first,
+    /// the rest streams as it comes. The idle timeout runs as when
+    /// streaming. An error (the idle timeout, the client gone, broken
+    /// chunked framing) leaves the body unusable.
+    pub async fn buffer(&mut self, limit: usize) -> Result<(), BoxError> {
+        let ReqBody::Client(b) = self else {
+            return Ok(());
+        };
+        // Data frames are copied into one buffer once there is more than
+        // one: a frame is a slice of hyper's read buffer, and holding many
+        // trickled one-byte slices would pin many of those.
+        let mut first: Option<Bytes> = None;
+        let mut more = bytes::BytesMut::new();
+        let mut len = 0;
+        while len < limit && b.trailers.is_none() {
+            let frame = std::future::poll_fn(|cx| b.poll_inner(cx)).await;
+            let Some(frame) = frame else {
+                b.inner_done = true;
+                break;
+            };
+            match frame?.into_data() {
+                Ok(d) if d.is_empty() => {}
+                Ok(d) => {
+                    len += d.len();
+                    match &first {
+                        None if more.is_empty() => first = Some(d),
+                        _ => {
+                            if let Some(f) = first.take() {
+                                more.reserve(f.len() + d.len());
+                                more.extend_from_slice(&f);
+                            }
+                            more.extend_from_slice(&d);
+                        }
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        b.trailers = Some(t);
+                    }
+                }
+            }
+        }
+        b.ahead = first.or_else(|| (!more.is_empty()).then(|| more.freeze()));
+        Ok(())
     }
 }
 
 impl ClientBody {
+    /// The next frame from the client, under the idle timeout.
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = self.timer.as_mut() {
+                    t.as_mut().reset(tokio::time::Instant::now() + self.idle);
+                }
+                if let (Some(d), Some(sent)) = (frame.data_ref(), self.sent.as_ref()) {
+                    sent.bytes
+                        .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let idle = self.idle;
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(idle))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    /// Nothing more to send: everything read ahead went, and the client's
+    /// body ended.
+    fn is_end_stream(&self) -> bool {
+        self.ahead.is_none()
+            && self.trailers.is_none()
+            && (self.inner_done || self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let ahead = self.ahead.as_ref().map_or(0, |d| d.len() as u64);
+        // With trailers still to send the length stays open: an exact one
+        // would have HTTP/1.1 frame the body with Content-Length, which has
+        // no place for them.
+        if self.inner_done && self.trailers.is_none() {
+            return SizeHint::with_exact(ahead);
+        }
+        if self.inner_done {
+            let mut hint = SizeHint::new();
+            hint.set_lower(ahead);
+            return hint;
+        }
+        let rest = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + ahead);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + ahead);
+        }
+        hint
+    }
+
     fn finish(&mut self) {
         if let Some(sent) = self.sent.take() {
             sent.done.notify_one();
@@ -120,34 +235,23 @@ impl Body for ReqBody {
         match self.get_mut() {
             ReqBody::Empty => Poll::Ready(None),
             ReqBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ReqBody::Client(b) => match Pin::new(&mut b.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(t) = b.timer.as_mut() {
-                        t.as_mut().reset(tokio::time::Instant::now() + b.idle);
-                    }
-                    if let (Some(d), Some(sent)) = (frame.data_ref(), b.sent.as_ref()) {
-                        sent.bytes
-                            .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Poll::Ready(Some(Ok(frame)))
+            ReqBody::Client(b) => {
+                if let Some(d) = b.ahead.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(None) => {
-                    b.finish();
-                    b.ended();
-                    Poll::Ready(None)
+                if let Some(t) = b.trailers.take() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
                 }
-                Poll::Pending => {
-                    let idle = b.idle;
-                    let timer = b
-                        .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                    match timer.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(idle))))),
-                        Poll::Pending => Poll::Pending,
+                if !b.inner_done {
+                    match b.poll_inner(cx) {
+                        Poll::Ready(None) => b.inner_done = true,
+                        other => return other,
                     }
                 }
-            },
+                b.finish();
+                b.ended();
+                Poll::Ready(None)
+            }
         }
     }
 
@@ -155,7 +259,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Empty => true,
             ReqBody::Full(d) => d.is_none(),
-            ReqBody::Client(b) => b.inner.is_end_stream(),
+            ReqBody::Client(b) => b.is_end_stream(),
         }
     }
 
@@ -163,7 +267,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Empty => SizeHint::with_exact(0),
             ReqBody::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
-            ReqBody::Client(b) => b.inner.size_hint(),
+            ReqBody::Client(b) => b.size_hint(),
         }
     }
 }
@@ -173,7 +277,7 @@ impl Drop for ClientBody {
         // A body dropped early (upstream answered before reading it all)
         // still releases whoever waits to start the response timer.
         self.finish();
-        if self.inner.is_end_stream() {
+        if self.inner_done || self.inner.is_end_stream() {
             self.ended();
         }
     }

@@ -148,6 +148,19 @@ pub fn is_upgrade_request(headers: &HeaderMap, version: Version) -> bool {
         && connection_has_token(headers, b"upgrade")
 }
 
+/// Whether a request is gRPC (`content-type: application/grpc`, alone or
+/// with a `+proto`/`+json` suffix or parameters): its body is a message
+/// stream the server may answer before it ends, so it is never buffered.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        const GRPC: &[u8] = b"application/grpc";
+        v.len() >= GRPC.len()
+            && v[..GRPC.len()].eq_ignore_ascii_case(GRPC)
+            && matches!(v.get(GRPC.len()), None | Some(b'+' | b';'))
+    })
+}
+
 fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
     headers.get_all(header::CONNECTION).iter().any(|v| {
         v.as_bytes()
@@ -517,6 +530,25 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get("upgrade").unwrap(), "websocket");
         assert_eq!(h.get("connection").unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn grpc_is_told_by_its_content_type() {
+        let ct = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(v));
+            is_grpc(&h)
+        };
+        assert!(ct("application/grpc"));
+        assert!(ct("application/grpc+proto"));
+        assert!(ct("Application/GRPC;charset=utf-8"));
+        assert!(
+            !ct("application/grpc-web"),
+            "grpc-web bodies are whole messages"
+        );
+        assert!(!ct("application/json"));
+        assert!(!ct("application/grp"));
+        assert!(!is_grpc(&HeaderMap::new()));
     }
 
     fn listener(trusted: &[&str]) -> ListenerConfig {

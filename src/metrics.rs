@@ -219,7 +219,7 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new(
                     "cyan_rejected_requests_total",
-                    "Requests refused before routing (malformed, smuggling, no route), by status.",
+                    "Requests cyan refused without an upstream (malformed, smuggling, no route, a body that stalled or broke off while read ahead), by status.",
                 ),
                 &["listener", "code"],
             )

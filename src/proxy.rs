@@ -2,10 +2,11 @@
 //!
 //! ```text
 //! check_request ─► table.load() ─► route ─► choose color ─► pick endpoint
-//!   ─► rewrite head ─► Upstream::send ─┬─► response (streamed back)
-//!                                      └─► failed before sending: retry once
-//!                                          (another endpoint of the same color,
-//!                                          else the other color), then error
+//!   ─► rewrite head ─► read the body ahead (up to request_buffer_bytes)
+//!   ─► Upstream::send ─┬─► response (streamed back)
+//!                      └─► failed before sending: retry once
+//!                          (another endpoint of the same color,
+//!                          else the other color), then error
 //! ```
 //!
 //! | failure | status |
@@ -16,6 +17,7 @@
 //! | connect refused / reset, TLS or HTTP handshake failed, exchange broke | 502 |
 //! | connect timeout, no response head in `response_timeout` | 504 |
 //! | client body idle longer than `body_idle_timeout` | 408 |
+//! | client body broken off while read ahead | 400 |
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -260,13 +262,21 @@ async fn forward(
     }
     parts.extensions = http::Extensions::new();
 
-    let (body, body_sent) = ReqBody::client(
+    let (mut body, body_sent) = ReqBody::client(
         body,
         conn.listener.config.body_idle_timeout,
         &conn.activity.probe,
     );
     if let Some(a) = guard.access() {
         a.body = body_sent.clone();
+    }
+    // Read a small body (or a body's first bytes) before taking an
+    // upstream connection: a client trickling its body costs no connect.
+    let buffer = conn.listener.config.request_buffer_bytes;
+    if buffer > 0 && body_sent.is_some() && !headers::is_grpc(&parts.headers) {
+        if let Err(e) = body.buffer(buffer).await {
+            return client_body_error(conn, &e, guard);
+        }
     }
     let mut up_req = Request::from_parts(parts, body);
 
@@ -328,6 +338,38 @@ async fn forward(
             }
         }
     }
+}
+
+/// A client body that failed while cyan read it ahead (no upstream was
+/// involved): idle → 408, anything else (the client went away, broken
+/// chunked framing) → 400. Both close the connection.
+fn client_body_error(
+    conn: &ConnCtx,
+    error: &crate::body::BoxError,
+    mut guard: RequestGuard,
+) -> Response<RespBody> {
+    let (status, reason, kind) = if error.is::<BodyIdleTimeout>() {
+        (
+            StatusCode::REQUEST_TIMEOUT,
+            "request body timed out",
+            "body_timeout",
+        )
+    } else {
+        (
+            StatusCode::BAD_REQUEST,
+            "request body broken off",
+            "client_body",
+        )
+    };
+    tracing::debug!(peer = %conn.peer, status = status.as_u16(), error = %error, "request body failed");
+    if let Some(a) = guard.access() {
+        a.error = Some(kind);
+    }
+    conn.listener.count_rejected(status);
+    let mut resp = text_response(status, reason, guard);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// Sets the URI form, version and Host for the endpoint's protocol.

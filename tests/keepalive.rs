@@ -25,10 +25,17 @@ async fn proxy_with(blue: &Backend) -> (cyan::server::Server, std::net::SocketAd
 
 /// One service for Host `app.example` only (`{blue}`, `{green}`: endpoint
 /// lists); other hosts get 404 without their body being read.
+///
+/// Request buffering is off: these tests are about a body still streaming
+/// when the answer comes. With it on (the default), a body under
+/// `request_buffer_bytes` reaches the upstream only once it is whole; a
+/// larger one, a gRPC one, or any on a listener with it off takes the
+/// streaming path tested here.
 const APP_EXAMPLE: &str = r#"
 [[listener]]
 name = "public"
 listen = "127.0.0.1:0"
+request_buffer_bytes = 0
 
 [[service]]
 name = "app"

@@ -164,13 +164,17 @@ async fn content_length_with_chunked_is_framed_by_te_and_closes() {
         let out = raw_outcome(proxy, req.as_bytes(), Duration::from_secs(3)).await;
         assert_eq!(status_of(&out.text), 200, "{}", out.text);
         let echoed = out.text.split("\r\n\r\n").nth(1).unwrap_or("");
+        // The client's Content-Length is gone. The body, read whole ahead
+        // of the upstream (request_buffer_bytes), goes up framed by its
+        // true length; unbuffered it would go chunked.
         assert!(
-            !echoed.contains("content-length"),
-            "Content-Length removed: {echoed}"
+            !echoed.contains("content-length: 3"),
+            "the client's Content-Length removed: {echoed}"
         );
         assert!(
-            echoed.contains("transfer-encoding: chunked\n"),
-            "sent upstream chunked: {echoed}"
+            echoed.contains("content-length: 5\n")
+                != echoed.contains("transfer-encoding: chunked\n"),
+            "sent upstream framed by the 5 chunked bytes: {echoed}"
         );
         assert!(out.closed && out.elapsed < Duration::from_secs(2));
     }
@@ -278,22 +282,180 @@ async fn trickled_head_is_cut_at_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_body_gets_408_at_body_idle_timeout() {
+    // Buffered (the default): the body stalls while cyan reads it ahead,
+    // so no upstream ever sees the request. Unbuffered: it stalls on its
+    // way upstream. Both end in a 408 at the timeout.
+    for (buffer, upstream_hits) in [("", 0), ("request_buffer_bytes = 0", 1)] {
+        let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+        let listener = format!("body_idle_timeout = \"400ms\"\n{buffer}");
+        let cfg = config(&custom_config(0.0, &listener, "", "", ""), &[&b], &[&g]);
+        let (server, proxy) = start_proxy(&cfg).await;
+        let req = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n0123456789";
+        let out = raw_outcome(proxy, req, Duration::from_secs(5)).await;
+        assert_eq!(status_of(&out.text), 408, "{buffer:?}: {}", out.text);
+        assert!(out.closed, "the connection is closed after a 408");
+        assert_near(
+            "body idle timeout",
+            out.elapsed,
+            Duration::from_millis(400),
+            Duration::from_millis(1200),
+        );
+        eprintln!(
+            "body_idle_timeout 400ms ({buffer:?}): 408 after {:?}",
+            out.elapsed
+        );
+        assert_eq!(b.hits(), upstream_hits, "{buffer:?}: requests upstream");
+        assert_eq!(
+            metric(&server, "cyan_rejected_requests_total", &["code=\"408\""]),
+            if upstream_hits == 0 { 1.0 } else { 0.0 },
+            "{buffer:?}: a 408 cyan gave before any upstream is its own refusal"
+        );
+        server.shutdown().await;
+    }
+}
+
+/// Writes `head` and `first` on a fresh connection, waits, and returns the
+/// connection with the backend's request count by then.
+async fn part_sent(proxy: SocketAddr, head: &str, first: &[u8], b: &Backend) -> (TcpStream, usize) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (s, b.hits())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_body_is_read_whole_before_any_upstream_is_taken() {
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let listener = "body_idle_timeout = \"400ms\"";
+    let cfg = config(&custom_config(0.0, "", "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let body: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let digest = digest_hex(&body);
+    // Content-Length: half the body, a pause, the rest.
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: a\r\n{DIGEST}: {digest}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (mut s, hits) = part_sent(proxy, &head, &body[..5000], &b).await;
+    assert_eq!(hits, 0, "no upstream request while the body is incomplete");
+    s.write_all(&body[5000..]).await.unwrap();
+    let r = read_one_response(&mut s, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.ends_with(&format!("{digest} 10000")), "{r}");
+    // Chunked, with the last chunk after a pause: the same, and the body
+    // goes up whole.
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: a\r\n{DIGEST}: {digest}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let mut first = format!("{:x}\r\n", 6000).into_bytes();
+    first.extend_from_slice(&body[..6000]);
+    first.extend_from_slice(b"\r\n");
+    let (mut s, hits) = part_sent(proxy, &head, &first, &b).await;
+    assert_eq!(hits, 1, "only the first request so far");
+    let mut rest = format!("{:x}\r\n", 4000).into_bytes();
+    rest.extend_from_slice(&body[6000..]);
+    rest.extend_from_slice(b"\r\n0\r\n\r\n");
+    s.write_all(&rest).await.unwrap();
+    let r = read_one_response(&mut s, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.ends_with(&format!("{digest} 10000")), "{r}");
+    assert_eq!(b.hits(), 2);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_past_the_buffer_or_grpc_or_unbuffered_streams() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let listener = "request_buffer_bytes = 4096";
     let cfg = config(&custom_config(0.0, listener, "", "", ""), &[&b], &[&g]);
     let (server, proxy) = start_proxy(&cfg).await;
-    let req = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n0123456789";
-    let out = raw_outcome(proxy, req, Duration::from_secs(5)).await;
-    assert_eq!(status_of(&out.text), 408, "{}", out.text);
-    assert!(out.closed, "the connection is closed after a 408");
-    assert_near(
-        "body idle timeout",
-        out.elapsed,
-        Duration::from_millis(400),
-        Duration::from_millis(1200),
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    let digest = digest_hex(&body);
+    let head = |extra: &str| {
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: a\r\n{DIGEST}: {digest}\r\n{extra}Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+    };
+    // Past the 4 KiB buffer: the request goes up with the first bytes and
+    // the rest streams behind them.
+    let (mut s, hits) = part_sent(proxy, &head(""), &body[..5000], &b).await;
+    assert_eq!(hits, 1, "on its way upstream once the buffer is full");
+    s.write_all(&body[5000..]).await.unwrap();
+    let r = read_one_response(&mut s, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(r.ends_with(&format!("{digest} 100000")), "{r}");
+    // gRPC streams from the first byte: its server may answer early.
+    let (mut s, hits) = part_sent(
+        proxy,
+        &head("Content-Type: application/grpc\r\n"),
+        &body[..10],
+        &b,
+    )
+    .await;
+    assert_eq!(hits, 2, "gRPC is never held back");
+    s.write_all(&body[10..]).await.unwrap();
+    let r = read_one_response(&mut s, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(r.ends_with(&format!("{digest} 100000")), "{r}");
+    server.shutdown().await;
+
+    // Buffering off: every body streams from its first byte.
+    let cfg = config(
+        &custom_config(0.0, "request_buffer_bytes = 0", "", "", ""),
+        &[&b],
+        &[&g],
     );
-    eprintln!("body_idle_timeout 400ms: 408 after {:?}", out.elapsed);
-    assert_eq!(b.hits(), 1, "the request was on its way upstream");
+    let (server, proxy) = start_proxy(&cfg).await;
+    let (mut s, hits) = part_sent(proxy, &head(""), &body[..10], &b).await;
+    assert_eq!(hits, 3, "unbuffered: upstream at once");
+    s.write_all(&body[10..]).await.unwrap();
+    let r = read_one_response(&mut s, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(r.ends_with(&format!("{digest} 100000")), "{r}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_broken_off_while_buffered_reaches_no_upstream() {
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let cfg = config(&custom_config(0.0, "", "", "", ""), &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    // The client goes away halfway through its body.
+    let head = "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n";
+    let (s, _) = part_sent(proxy, head, b"0123456789", &b).await;
+    drop(s);
+    // Broken chunked framing halfway through.
+    let bad = b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
+    let out = raw_outcome(proxy, bad, Duration::from_secs(2)).await;
+    assert!(
+        out.text.is_empty() || status_of(&out.text) == 400,
+        "nothing or a 400: {}",
+        out.text
+    );
+    assert!(out.closed, "the connection is closed");
+    assert!(
+        eventually(Duration::from_secs(2), || metric(
+            &server,
+            "cyan_rejected_requests_total",
+            &["code=\"400\""]
+        ) == 2.0)
+        .await,
+        "both counted as refused by cyan"
+    );
+    assert_eq!(b.hits(), 0, "neither reached the backend");
+    assert_eq!(
+        metric(&server, "cyan_upstream_errors_total", &[]),
+        0.0,
+        "a client's broken body is not an upstream failure"
+    );
     server.shutdown().await;
 }
 
