@@ -119,6 +119,12 @@ impl ReqBody {
         let mut more = bytes::BytesMut::new();
         let mut len = 0;
         while len < limit && b.trailers.is_none() {
+            // A Content-Length body known to be complete: no poll for its
+            // end (it could cost the connection task another round).
+            if b.inner.is_end_stream() {
+                b.inner_done = true;
+                break;
+            }
             let frame = std::future::poll_fn(|cx| b.poll_inner(cx)).await;
             let Some(frame) = frame else {
                 b.inner_done = true;
