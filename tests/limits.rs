@@ -368,6 +368,52 @@ async fn a_small_body_is_read_whole_before_any_upstream_is_taken() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_gets_its_interim_answer_then_the_body_goes_up() {
+    // The client waits for 100 Continue before sending its body; reading
+    // the body ahead is what asks hyper to send it, so the body comes and
+    // goes up whole. Buffered and unbuffered alike.
+    for buffer in ["", "request_buffer_bytes = 0"] {
+        let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+        let cfg = config(&custom_config(0.0, buffer, "", "", ""), &[&b], &[&g]);
+        let (server, proxy) = start_proxy(&cfg).await;
+        let body = b"hello expect";
+        let digest = digest_hex(body);
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n{DIGEST}: {digest}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{buffer:?}: no 100 Continue"))
+                .unwrap();
+            assert!(n > 0, "{buffer:?}: closed before 100 Continue");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let interim = String::from_utf8_lossy(&got).into_owned();
+        assert!(
+            interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+            "{buffer:?}: {interim}"
+        );
+        s.write_all(body).await.unwrap();
+        let r = read_one_response(&mut s, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{buffer:?}: {r}");
+        assert!(
+            r.ends_with(&format!("{digest} {}", body.len())),
+            "{buffer:?}: {r}"
+        );
+        assert_eq!(b.hits(), 1);
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_past_the_buffer_or_grpc_or_unbuffered_streams() {
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let listener = "request_buffer_bytes = 4096";
