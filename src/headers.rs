@@ -94,7 +94,9 @@ fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), Reject> {
     }
 }
 
-fn request_host<B>(req: &Request<B>) -> Result<&str, Reject> {
+/// The host a request is for: `:authority` or `Host`, checked against each
+/// other (see [`check_request`], which calls it).
+pub fn request_host<B>(req: &Request<B>) -> Result<&str, Reject> {
     let headers = req.headers();
     let mut hosts = headers.get_all(header::HOST).iter();
     let host = match (hosts.next(), hosts.next()) {

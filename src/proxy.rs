@@ -1,8 +1,9 @@
 //! The per-request flow and the one place errors become statuses.
 //!
 //! ```text
-//! check_request ─► table.load() ─► route ─► choose color ─► pick endpoint
-//!   ─► rewrite head ─► read the body ahead (up to request_buffer_bytes)
+//! check_request ─► table.load() ─► route (404) ─► read the body ahead (up
+//!   to request_buffer_bytes; the table again if it moved meanwhile) ─► route
+//!   ─► choose color ─► pick endpoint ─► rewrite head
 //!   ─► Upstream::send ─┬─► response (streamed back)
 //!                      └─► failed before sending: retry once
 //!                          (another endpoint of the same color,
@@ -137,14 +138,56 @@ pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<Incoming>) -> Re
         a.generation = snapshot.generation;
     }
     let Some(svc) = snapshot.route(conn.listener.index, host, req.uri().path()) else {
-        let r = Reject {
-            status: StatusCode::NOT_FOUND,
-            reason: "no service matches this host and path",
-        };
-        return reject(conn, r, guard);
+        return reject(conn, NO_ROUTE, guard);
     };
-    forward(svc, conn, req, guard, start).await
+
+    // Read a small body (or a body's first bytes) before a color and an
+    // endpoint are chosen and an upstream connection is taken: a client
+    // trickling its body costs no connect, and the choice is made on the
+    // table and the pools' health as they are when the request can go.
+    let (parts, body) = req.into_parts();
+    let (mut body, body_sent) = ReqBody::client(
+        body,
+        conn.listener.config.body_idle_timeout,
+        &conn.activity.probe,
+    );
+    if let Some(a) = guard.access() {
+        a.body = body_sent.clone();
+    }
+    let buffer = conn.listener.config.request_buffer_bytes;
+    let mut moved = None;
+    if buffer > 0 && body_sent.is_some() && !headers::is_grpc(&parts.headers) {
+        if let Err(e) = body.buffer(buffer).await {
+            return client_body_error(conn, &e, guard);
+        }
+        let now = table.load();
+        if now.generation != snapshot.generation {
+            moved = Some(now);
+        }
+    }
+    let req = Request::from_parts(parts, body);
+    let svc = match &moved {
+        None => svc,
+        // The table moved while the body came: route again on it (the head
+        // was checked above).
+        Some(now) => {
+            if let Some(a) = guard.access() {
+                a.generation = now.generation;
+            }
+            let host = headers::request_host(&req).unwrap_or("");
+            let Some(svc) = now.route(conn.listener.index, host, req.uri().path()) else {
+                return reject(conn, NO_ROUTE, guard);
+            };
+            svc
+        }
+    };
+    forward(svc, conn, req, body_sent, guard, start).await
 }
+
+const NO_ROUTE: Reject = Reject {
+    status: StatusCode::NOT_FOUND,
+    reason: "no service matches this host and path",
+};
 
 fn reject(conn: &ConnCtx, r: Reject, mut guard: RequestGuard) -> Response<RespBody> {
     tracing::debug!(peer = %conn.peer, status = r.status.as_u16(), reason = r.reason, "request refused");
@@ -186,12 +229,17 @@ fn text_response(status: StatusCode, reason: &str, mut guard: RequestGuard) -> R
 async fn forward(
     svc: &Service,
     conn: &ConnCtx,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
+    body_sent: Option<crate::body::BodySent>,
     mut guard: RequestGuard,
     start: Instant,
 ) -> Response<RespBody> {
-    let client_ip = headers::client_ip(req.headers(), conn.peer.ip(), &conn.listener.config);
-    let (color, reason) = svc.split.choose(req.headers(), client_ip);
+    if let Some(a) = guard.access() {
+        a.service = Some(svc.name.clone());
+    }
+    let (mut parts, body) = req.into_parts();
+    let client_ip = headers::client_ip(&parts.headers, conn.peer.ip(), &conn.listener.config);
+    let (color, reason) = svc.split.choose(&parts.headers, client_ip);
     let pool = svc.pool(color);
     // Every endpoint of the chosen pool out: the other color takes the
     // request when it can (service `fallback`, on by default).
@@ -204,7 +252,6 @@ async fn forward(
         None => None,
     };
     if let Some(a) = guard.access() {
-        a.service = Some(svc.name.clone());
         a.color = Some(picked.map_or(color, |(c, _)| c));
         a.reason = Some(match picked {
             Some((c, _)) if c != color => "fallback",
@@ -227,7 +274,6 @@ async fn forward(
         return resp;
     };
 
-    let (mut parts, body) = req.into_parts();
     let client_version = parts.version;
     let upgrade = headers::is_upgrade_request(&parts.headers, parts.version);
     let client_upgrade = if upgrade {
@@ -261,23 +307,6 @@ async fn forward(
         a.request_id = Some(request_id.clone());
     }
     parts.extensions = http::Extensions::new();
-
-    let (mut body, body_sent) = ReqBody::client(
-        body,
-        conn.listener.config.body_idle_timeout,
-        &conn.activity.probe,
-    );
-    if let Some(a) = guard.access() {
-        a.body = body_sent.clone();
-    }
-    // Read a small body (or a body's first bytes) before taking an
-    // upstream connection: a client trickling its body costs no connect.
-    let buffer = conn.listener.config.request_buffer_bytes;
-    if buffer > 0 && body_sent.is_some() && !headers::is_grpc(&parts.headers) {
-        if let Err(e) = body.buffer(buffer).await {
-            return client_body_error(conn, &e, guard);
-        }
-    }
     let mut up_req = Request::from_parts(parts, body);
 
     let mut color = color;

@@ -205,6 +205,47 @@ async fn swap_with_requests_in_flight_loses_nothing() {
     server.shutdown().await;
 }
 
+/// A request whose body is still coming when the table changes goes by the
+/// new table: its color is chosen once the body has been read ahead. With
+/// read-ahead off it was on its way (to blue) as its head arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_read_ahead_across_a_swap_goes_by_the_new_table() {
+    use tokio::io::AsyncWriteExt;
+    for (listener, expect) in [("", "green"), ("request_buffer_bytes = 0", "blue")] {
+        let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+        let template = service_config(0.0, "").replace(
+            "trusted_proxies = [\"10.0.0.0/8\"]",
+            &format!("trusted_proxies = [\"10.0.0.0/8\"]\n{listener}"),
+        );
+        let cfg = config(&template, &[&b], &[&g]);
+        let (server, proxy) = start_proxy(&cfg).await;
+        let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n01234")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        server
+            .table
+            .apply(
+                Command::SetSplit {
+                    service: "gateway".into(),
+                    candidate_bp: 10_000,
+                }
+                .into(),
+            )
+            .unwrap();
+        s.write_all(b"56789").await.unwrap();
+        let r = read_one_response(&mut s, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("{listener:?}: no answer"));
+        assert!(r.starts_with("HTTP/1.1 200"), "{listener:?}: {r}");
+        let body = r.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert_eq!(color_of(body), expect, "{listener:?}: {r}");
+        assert_eq!(b.hits() + g.hits(), 1);
+        server.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn continuous_swaps_under_load_fail_no_request() {
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
