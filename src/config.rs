@@ -408,7 +408,9 @@ pub struct ListenerConfig {
     /// Default 16384 ([`defaults::REQUEST_BUFFER_BYTES`]); `0` streams
     /// every body from its first byte, as before. gRPC requests
     /// (`content-type: application/grpc…`) always stream: their bodies are
-    /// message streams a server may answer before they end.
+    /// message streams a server may answer before they end. The color and
+    /// endpoint are chosen once the read-ahead is done, on the table of
+    /// that moment.
     ///
     /// The same idea as nginx's `proxy_request_buffering` and HAProxy's
     /// `option http-buffer-request`. Without it a client trickling a body
