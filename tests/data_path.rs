@@ -12,6 +12,20 @@ use cyan::config::Color;
 use cyan::table::{Applied, Command};
 use support::*;
 
+/// Moves service `gateway` to `candidate_bp` on the live table.
+fn set_split(server: &cyan::server::Server, candidate_bp: u16) {
+    server
+        .table
+        .apply(
+            Command::SetSplit {
+                service: "gateway".into(),
+                candidate_bp,
+            }
+            .into(),
+        )
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_follows_the_configured_share() {
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
@@ -48,16 +62,7 @@ async fn zero_and_hundred_percent_are_exact() {
         get(&client, proxy, "/", &[]).await;
     }
     assert_eq!(g.hits(), 0, "a 0 % side gets nothing");
-    server
-        .table
-        .apply(
-            Command::SetSplit {
-                service: "gateway".into(),
-                candidate_bp: 10_000,
-            }
-            .into(),
-        )
-        .unwrap();
+    set_split(&server, 10_000);
     let before = b.hits();
     for _ in 0..300 {
         get(&client, proxy, "/", &[]).await;
@@ -94,16 +99,7 @@ async fn sticky_users_only_move_forward() {
         (20..=65).contains(&green10),
         "{green10} of 400 on green at 10 %"
     );
-    server
-        .table
-        .apply(
-            Command::SetSplit {
-                service: "gateway".into(),
-                candidate_bp: 2000,
-            }
-            .into(),
-        )
-        .unwrap();
+    set_split(&server, 2000);
     let mut green20 = 0;
     for u in &users {
         let (_, _, body) = get(&client, proxy, "/", &[("x-user-id", u)]).await;
@@ -179,16 +175,7 @@ async fn swap_with_requests_in_flight_loses_nothing() {
     );
     // ...then traffic moves entirely to green, and back and forth.
     for bp in [10_000u16, 0, 10_000] {
-        server
-            .table
-            .apply(
-                Command::SetSplit {
-                    service: "gateway".into(),
-                    candidate_bp: bp,
-                }
-                .into(),
-            )
-            .unwrap();
+        set_split(&server, bp);
     }
     for r in slow {
         let (status, _, body) = r.await.unwrap();
@@ -224,16 +211,7 @@ async fn a_body_read_ahead_across_a_swap_goes_by_the_new_table() {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        server
-            .table
-            .apply(
-                Command::SetSplit {
-                    service: "gateway".into(),
-                    candidate_bp: 10_000,
-                }
-                .into(),
-            )
-            .unwrap();
+        set_split(&server, 10_000);
         s.write_all(b"56789").await.unwrap();
         let r = read_one_response(&mut s, Duration::from_secs(5))
             .await
