@@ -4,7 +4,9 @@
 //!   timeout (no frame for `body_idle_timeout` → error), or a small fixed body
 //!   for cyan's own requests. When the client's body ends it fires a
 //!   [`BodySent`] signal so the upstream response timer starts only then (a
-//!   1 GiB upload must not trip the response-head timeout).
+//!   1 GiB upload must not trip the response-head timeout). Its first bytes
+//!   (all of a small body) can be read ahead before any upstream is chosen
+//!   ([`ReqBody::buffer`], `request_buffer_bytes`) and are sent first.
 //! * [`RespBody`] goes to the client: the upstream's streaming body, or a
 //!   short fixed body (errors, rejections). It carries the [`RequestGuard`]
 //!   whose drop is the one place a request is accounted for: metrics,
