@@ -581,6 +581,8 @@ pub struct RollbackConfig {
 pub struct RolloutConfig {
     /// Candidate shares in basis points, rising, ending at 10000.
     pub steps: Vec<u16>,
+    /// How long a step holds clean before it advances: a bad analysis or a
+    /// candidate endpoint going down restarts it (see `rollout`).
     pub hold: Duration,
     /// Candidate requests a step must have seen before it may advance.
     pub min_requests: u64,

@@ -22,11 +22,20 @@
 //! audits it.
 //!
 //! ## Rollouts
-//! A step advances when its hold time has passed (pauses excluded), the
-//! analysis is healthy and the candidate saw at least `min_requests`
-//! requests since the step began (within the window). The last step (100 %)
-//! promotes. Rollout state lives in the table, so it is persisted and a
-//! restart continues the step with its timer.
+//! A step advances when its hold time has passed (pauses excluded) with no
+//! bad sign, the analysis is healthy and the candidate saw at least
+//! `min_requests` requests since the step began (within the window). The
+//! last step (100 %) promotes. Rollout state lives in the table, so it is
+//! persisted and a restart continues the step with its timer.
+//!
+//! A bad sign — a bad verdict (even one short of `consecutive`), or a
+//! candidate endpoint that health checks mark down — restarts the hold from
+//! that moment: a step is held *clean* before it advances. Without this a
+//! candidate whose health flaps faster than `consecutive` evaluations
+//! could advance on whichever evaluation found it up. Health is watched on
+//! every driver tick (50 ms), not only at evaluations. The last bad sign is
+//! the driver's memory, not persisted: after a restart the hold counts from
+//! the step's start, as the table records it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -182,18 +191,32 @@ pub fn rollback_target(cfg: &RollbackConfig, current: u16) -> u16 {
         .unwrap_or(0)
 }
 
-/// The next rollout step, if the live one may advance now.
+/// How long the live step has held clean at `now_ms`: since it began
+/// (pauses excluded) or since `last_bad_ms`, the last bad sign, if that was
+/// later.
+pub fn clean_ms(r: &RolloutState, now_ms: u64, last_bad_ms: Option<u64>) -> u64 {
+    let held = r.held_ms(now_ms);
+    let end = r.paused_at_ms.unwrap_or(now_ms);
+    match last_bad_ms {
+        Some(at) if at >= r.step_started_ms => held.min(end.saturating_sub(at)),
+        _ => held,
+    }
+}
+
+/// The next rollout step, if the live one may advance now; `last_bad_ms`
+/// is when the last bad sign was seen (see the module doc).
 pub fn next_step(
     r: &RolloutState,
     cfg: &RolloutConfig,
     now_ms: u64,
+    last_bad_ms: Option<u64>,
     verdict: &Verdict,
     since_step: &Summary,
 ) -> Option<usize> {
     if r.paused_at_ms.is_some() {
         return None;
     }
-    if r.held_ms(now_ms) < cfg.hold.as_millis() as u64 {
+    if clean_ms(r, now_ms, last_bad_ms) < cfg.hold.as_millis() as u64 {
         return None;
     }
     if *verdict != Verdict::Healthy || since_step.requests < cfg.min_requests {
@@ -253,7 +276,10 @@ pub fn spawn_driver(table: Arc<Table>, stop: CancellationToken) {
                         last_eval: now,
                         both_bad_logged: false,
                         hold_noted: None,
+                        candidate_down: 0,
+                        last_bad: None,
                     });
+                entry.watch_health(svc, now_ms);
                 if now.duration_since(entry.last_eval) < cfg.evaluate_every {
                     continue;
                 }
@@ -272,6 +298,26 @@ struct DriverState {
     both_bad_logged: bool,
     /// The rollout step (and its start) whose overdue hold was audited.
     hold_noted: Option<(usize, u64)>,
+    /// Candidate endpoints marked down by health checks at the last tick.
+    candidate_down: usize,
+    /// The last bad sign during a rollout: when (Unix ms) and what it was.
+    last_bad: Option<(u64, String)>,
+}
+
+impl DriverState {
+    /// Notes a candidate endpoint going down during a rollout (every tick).
+    fn watch_health(&mut self, svc: &Service, now_ms: u64) {
+        let down = svc
+            .pool(svc.split.candidate())
+            .endpoints
+            .iter()
+            .filter(|e| !e.healthy)
+            .count();
+        if down > self.candidate_down && svc.rollout.is_some() {
+            self.last_bad = Some((now_ms, "a candidate endpoint went down".to_string()));
+        }
+        self.candidate_down = down;
+    }
 }
 
 fn drive_service(
@@ -286,6 +332,7 @@ fn drive_service(
         tracker,
         both_bad_logged,
         hold_noted,
+        last_bad,
         ..
     } = st;
     let name = svc.name.to_string();
@@ -316,6 +363,9 @@ fn drive_service(
     } else {
         evaluate(cfg, &obs)
     };
+    if let (Verdict::Bad(t), Some(_)) = (&verdict, &svc.rollout) {
+        *last_bad = Some((now_ms, format!("a bad analysis ({}: {})", t.kind, t.detail)));
+    }
     if cfg.enabled && bp > 0 {
         match tracker.decide(cfg, &verdict, &obs) {
             Decision::Hold => *both_bad_logged = false,
@@ -364,7 +414,8 @@ fn drive_service(
         .metrics
         .window
         .summary(now, since);
-    if let Some(step) = next_step(r, plan, now_ms, &verdict, &since_step) {
+    let last_bad_ms = last_bad.as_ref().map(|(at, _)| *at);
+    if let Some(step) = next_step(r, plan, now_ms, last_bad_ms, &verdict, &since_step) {
         tracing::info!(service = %svc.name, step, percent = f64::from(r.steps[step]) / 100.0, requests = since_step.requests, failures = since_step.failures, "rollout advances");
         let promoted = if r.steps[step] >= crate::split::BUCKETS {
             "final step, candidate promoted: "
@@ -372,8 +423,9 @@ fn drive_service(
             ""
         };
         let reason = format!(
-            "{promoted}held {}s with a healthy analysis: {}/{} candidate requests failed",
+            "{promoted}held {}s ({}s clean) with a healthy analysis: {}/{} candidate requests failed",
             r.held_ms(now_ms) / 1000,
+            clean_ms(r, now_ms, last_bad_ms) / 1000,
             since_step.failures,
             since_step.requests
         );
@@ -390,8 +442,13 @@ fn drive_service(
         // The hold is over but the analysis does not let the step advance:
         // say why, once per step.
         *hold_noted = Some((r.step, r.step_started_ms));
-        let why = match &verdict {
-            Verdict::Bad(t) => format!("analysis bad ({}: {})", t.kind, t.detail),
+        let clean = clean_ms(r, now_ms, last_bad_ms);
+        let why = match (&verdict, last_bad.as_ref()) {
+            (Verdict::Bad(t), _) => format!("analysis bad ({}: {})", t.kind, t.detail),
+            (_, Some((at, what))) if clean < plan.hold.as_millis() as u64 => format!(
+                "{what} {:.1}s ago; the hold counts from then",
+                now_ms.saturating_sub(*at) as f64 / 1000.0
+            ),
             _ if since_step.requests < plan.min_requests => format!(
                 "only {} candidate requests since the step began (needs {})",
                 since_step.requests, plan.min_requests
@@ -558,20 +615,27 @@ mod tests {
         let enough = sum(100, 0, 10);
         let t = 1_000_000;
         assert_eq!(
-            next_step(&r, &plan, t + 59_000, &Verdict::Healthy, &enough),
+            next_step(&r, &plan, t + 59_000, None, &Verdict::Healthy, &enough),
             None,
             "hold not over"
         );
         assert_eq!(
-            next_step(&r, &plan, t + 60_000, &Verdict::Healthy, &enough),
+            next_step(&r, &plan, t + 60_000, None, &Verdict::Healthy, &enough),
             Some(1)
         );
         assert_eq!(
-            next_step(&r, &plan, t + 60_000, &Verdict::Inconclusive, &enough),
+            next_step(&r, &plan, t + 60_000, None, &Verdict::Inconclusive, &enough),
             None
         );
         assert_eq!(
-            next_step(&r, &plan, t + 60_000, &Verdict::Healthy, &sum(5, 0, 10)),
+            next_step(
+                &r,
+                &plan,
+                t + 60_000,
+                None,
+                &Verdict::Healthy,
+                &sum(5, 0, 10)
+            ),
             None,
             "too few samples"
         );
@@ -580,7 +644,14 @@ mod tests {
             ..r.clone()
         };
         assert_eq!(
-            next_step(&paused, &plan, t + 600_000, &Verdict::Healthy, &enough),
+            next_step(
+                &paused,
+                &plan,
+                t + 600_000,
+                None,
+                &Verdict::Healthy,
+                &enough
+            ),
             None
         );
         assert_eq!(
@@ -593,13 +664,47 @@ mod tests {
             ..r.clone()
         };
         assert_eq!(
-            next_step(&last, &plan, t + 60_000, &Verdict::Healthy, &enough),
+            next_step(&last, &plan, t + 60_000, None, &Verdict::Healthy, &enough),
             Some(2)
         );
         let done = RolloutState { step: 2, ..r };
         assert_eq!(
-            next_step(&done, &plan, t + 60_000, &Verdict::Healthy, &enough),
+            next_step(&done, &plan, t + 60_000, None, &Verdict::Healthy, &enough),
             None
         );
+    }
+
+    #[test]
+    fn a_bad_sign_restarts_the_hold() {
+        let plan = RolloutConfig {
+            steps: vec![100, 10_000],
+            hold: Duration::from_secs(60),
+            min_requests: 20,
+            preflight: vec![],
+        };
+        let t = 1_000_000;
+        let r = RolloutState {
+            step: 0,
+            steps: plan.steps.clone(),
+            step_started_ms: t,
+            paused_at_ms: None,
+        };
+        let enough = sum(100, 0, 10);
+        let at = |now, bad| next_step(&r, &plan, now, bad, &Verdict::Healthy, &enough);
+        assert_eq!(at(t + 60_000, None), Some(1));
+        // A bad sign 30 s into the step: the hold counts from there.
+        assert_eq!(clean_ms(&r, t + 60_000, Some(t + 30_000)), 30_000);
+        assert_eq!(at(t + 60_000, Some(t + 30_000)), None);
+        assert_eq!(at(t + 89_999, Some(t + 30_000)), None);
+        assert_eq!(at(t + 90_000, Some(t + 30_000)), Some(1));
+        // A bad sign from before the step (the previous one) does not count.
+        assert_eq!(at(t + 60_000, Some(t - 1)), Some(1));
+        assert_eq!(clean_ms(&r, t + 60_000, Some(t - 1)), 60_000);
+        // Paused: the clean hold never exceeds the held time.
+        let paused = RolloutState {
+            paused_at_ms: Some(t + 10_000),
+            ..r.clone()
+        };
+        assert_eq!(clean_ms(&paused, t + 600_000, Some(t + 5_000)), 5_000);
     }
 }

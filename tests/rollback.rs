@@ -454,6 +454,107 @@ async fn a_rollout_runs_to_promotion() {
     app.shutdown().await;
 }
 
+/// A candidate endpoint marked down by health checks during a step restarts
+/// the step's hold. Green's health check fails for 250 ms of every 600 ms
+/// (its traffic stays fine); rollback is off, so only the hold decides.
+/// The 1 s step must not advance while the blips go on, though evaluations
+/// that find green up see a healthy analysis; once green stays up, the step
+/// holds 1 s clean and the rollout promotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_going_down_restarts_the_step_hold() {
+    let dir = tmpdir("rollout-blips");
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    let tables = "[service.health]\npath = \"/probe\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 1\nfall = 1\neject_after = 0\n[service.rollback]\nenabled = false\n[service.rollout]\nsteps = [10, 100]\nhold = \"1s\"\nmin_requests = 5";
+    let (app, proxy) = start_app(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
+    let load = Load::start(proxy, 4, "/");
+    let sock = Target::Socket(dir.join("admin.sock"));
+    let (s, v) = call(
+        &sock,
+        Method::POST,
+        "/v1/services/gateway/rollout/start",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200, "{v}");
+    let share = |app: &App| {
+        let t = app.server.table.load();
+        let s = t.service("gateway").unwrap();
+        (s.split.stable, s.split.candidate_bp)
+    };
+    // 6 blips over 3.6 s, the split sampled every 10 ms meanwhile.
+    let mut seen = Vec::new();
+    let mut last_blip = Instant::now();
+    for _ in 0..6 {
+        last_blip = Instant::now();
+        g.probe_status.store(503, Ordering::SeqCst);
+        for _ in 0..25 {
+            seen.push(share(&app));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        g.probe_status.store(0, Ordering::SeqCst);
+        for _ in 0..35 {
+            seen.push(share(&app));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert!(
+        seen.iter().all(|&s| s == (Color::Blue, 1000)),
+        "the step stays at 10 % while green blips: {:?}",
+        seen.iter()
+            .filter(|&&s| s != (Color::Blue, 1000))
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        eventually(Duration::from_secs(6), || share(&app).0 == Color::Green).await,
+        "promoted once green stays up"
+    );
+    // Green went down after `last_blip`; a clean 1 s hold follows that.
+    let took = last_blip.elapsed();
+    assert!(
+        took >= Duration::from_millis(950),
+        "the hold ran clean from green's last blip: promoted {took:?} after it"
+    );
+    let (_, c5, broken) = {
+        let (ok, _, c5, broken) = load.stop().await;
+        assert!(ok > 100);
+        (ok, c5, broken)
+    };
+    assert_eq!((c5, broken), (0, 0));
+    let (_, v) = call(&sock, Method::GET, "/v1/events?since=0&limit=1000", None)
+        .await
+        .unwrap();
+    let events = v["events"].as_array().unwrap();
+    let downs = events
+        .iter()
+        .filter(|e| e["action"] == "endpoint_down")
+        .count();
+    assert!(
+        downs >= 5,
+        "green's blips were seen: {downs} endpoint_down events"
+    );
+    let hold = events
+        .iter()
+        .find(|e| e["action"] == "rollout_hold")
+        .expect("the held step is audited");
+    assert!(
+        hold["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("ago; the hold counts from then")),
+        "the hold note says why: {hold}"
+    );
+    let promoted = events
+        .iter()
+        .find(|e| e["action"] == "rollout_step")
+        .expect("the promotion is audited");
+    assert!(
+        promoted["reason"].as_str().unwrap().contains("clean"),
+        "{promoted}"
+    );
+    app.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_rollout_step_is_rolled_back_and_ended() {
     let dir = tmpdir("rollout-fail");

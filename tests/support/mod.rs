@@ -53,6 +53,7 @@ pub fn digest_hex(data: &[u8]) -> String {
 /// | `/upload` | streams the body through XXH3; 422 if `x-body-digest` differs; body `"<digest> <len>"` |
 /// | `/delay/<ms>` | waits, then 200 |
 /// | `/status/<code>` | that status |
+/// | `/probe` | `probe_status` if set, else 200 (a health check path that fails alone) |
 /// | `/trailers` | body `"ok"` + trailers `grpc-status: 0`, `x-request-trailer` echoing the request's |
 /// | `/big/<n>` | `n` bytes, streamed in 64 KiB chunks |
 /// | `/ws` | WebSocket echo (HTTP/1.1 upgrade) |
@@ -65,6 +66,8 @@ pub struct Backend {
     pub hits: Arc<AtomicUsize>,
     /// When non-zero, every request is answered with this status.
     pub force_status: Arc<AtomicU16>,
+    /// When non-zero, `/probe` is answered with this status.
+    pub probe_status: Arc<AtomicU16>,
     /// Requests currently being handled.
     pub in_flight: Arc<AtomicU64>,
     /// Completed TLS handshakes (TLS backends only).
@@ -117,6 +120,7 @@ impl Backend {
             color,
             hits: Arc::new(AtomicUsize::new(0)),
             force_status: Arc::new(AtomicU16::new(0)),
+            probe_status: Arc::new(AtomicU16::new(0)),
             in_flight: Arc::new(AtomicU64::new(0)),
             tls_handshakes: Arc::new(AtomicUsize::new(0)),
             stop: CancellationToken::new(),
@@ -190,6 +194,13 @@ impl Backend {
             return text(forced, format!("{} forced {forced}\n", self.color));
         }
         let path = req.uri().path().to_string();
+        if path == "/probe" {
+            let status = match self.probe_status.load(Ordering::SeqCst) {
+                0 => 200,
+                s => s,
+            };
+            return text(status, format!("{} probe\n", self.color));
+        }
         if path == "/echo-headers" {
             let mut out = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
             for (k, v) in req.headers() {
