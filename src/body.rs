@@ -31,7 +31,7 @@ use tokio::time::Sleep;
 use crate::keepalive::IdleProbe;
 use crate::metrics::{ErrorKind, PoolMetrics};
 use crate::server::ConnActivity;
-use crate::upstream::{Pooled, Upstream};
+use crate::upstream::{Pooled, UpBody, Upstream};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -499,6 +499,8 @@ pub struct RespBody {
 enum RespInner {
     Full(Option<Bytes>),
     Upstream(Incoming),
+    /// From cyan's own HTTP/1.1 client ([`crate::h1client`]).
+    Raw(crate::h1client::RawBody),
 }
 
 impl RespBody {
@@ -516,14 +518,30 @@ impl RespBody {
     }
 
     /// The upstream's body, streamed.
-    pub fn upstream(inner: Incoming, mut guard: RequestGuard) -> RespBody {
+    pub fn upstream(inner: UpBody, mut guard: RequestGuard) -> RespBody {
+        let inner = match inner {
+            UpBody::Hyper(b) => RespInner::Upstream(b),
+            UpBody::Raw(mut b) => {
+                if b.is_end_stream() {
+                    if let (Some(conn), Some(u)) = (b.take_conn(), guard.upstream.as_mut()) {
+                        u.pooled = Some(Pooled::Raw(conn));
+                    }
+                }
+                RespInner::Raw(b)
+            }
+        };
         // hyper never polls a body that is already at its end (204, HEAD):
         // such a response is complete as it stands.
-        if inner.is_end_stream() {
+        let done = match &inner {
+            RespInner::Upstream(b) => b.is_end_stream(),
+            RespInner::Raw(b) => b.is_end_stream(),
+            RespInner::Full(_) => false,
+        };
+        if done {
             guard.body_complete();
         }
         RespBody {
-            inner: RespInner::Upstream(inner),
+            inner,
             guard: Some(guard),
             flush_first: false,
         }
@@ -544,6 +562,11 @@ impl Drop for RespBody {
         // reset before dropping `inner` wakes its task, which on another
         // worker could otherwise close it gracefully first.
         self.guard.take();
+        // cyan's own client: a socket whose response was not read to its
+        // end cannot be reused; it is reset, not closed gracefully.
+        if let RespInner::Raw(b) = &mut self.inner {
+            b.abandon();
+        }
     }
 }
 
@@ -560,7 +583,9 @@ impl Body for RespBody {
             RespInner::Full(d) => Poll::Ready(d.take().map(|d| Ok(Frame::data(d)))),
             // The client's socket is full: no more chunks until a write goes
             // through (which wakes this task; see `ConnActivity::body_held`).
-            RespInner::Upstream(_) if this.guard.as_ref().is_some_and(|g| g.conn.body_held()) => {
+            RespInner::Upstream(_) | RespInner::Raw(_)
+                if this.guard.as_ref().is_some_and(|g| g.conn.body_held()) =>
+            {
                 Poll::Pending
             }
             // HTTP/1.1: one Pending after each chunk, so hyper flushes it
@@ -571,11 +596,50 @@ impl Body for RespBody {
             // socket then took only the first and 52 KiB stayed held for a
             // client that was not reading (about one run in twenty of
             // `tests/limits.rs`'s stalled download).
-            RespInner::Upstream(_) if this.flush_first => {
+            RespInner::Upstream(_) | RespInner::Raw(_) if this.flush_first => {
                 this.flush_first = false;
                 cx.waker().wake_by_ref();
                 Poll::Pending
             }
+            RespInner::Raw(b) => match Pin::new(&mut *b).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(g) = this.guard.as_mut() {
+                        g.body_failed();
+                    }
+                    Poll::Ready(Some(Err(e.into())))
+                }
+                Poll::Ready(Some(Ok(f))) => {
+                    if let (Some(d), Some(a)) = (
+                        f.data_ref(),
+                        this.guard.as_mut().and_then(|g| g.access.as_deref_mut()),
+                    ) {
+                        a.bytes_out += d.len() as u64;
+                    }
+                    this.flush_first = this.guard.as_ref().is_some_and(|g| g.conn.holds_bodies());
+                    // As below: complete as soon as the end is known, and
+                    // the socket goes back to the pool.
+                    if b.is_end_stream() {
+                        if let Some(g) = this.guard.as_mut() {
+                            if let (Some(conn), Some(u)) = (b.take_conn(), g.upstream.as_mut()) {
+                                u.pooled = Some(Pooled::Raw(conn));
+                            }
+                            g.body_complete();
+                        }
+                        this.guard = None;
+                    }
+                    Poll::Ready(Some(Ok(f)))
+                }
+                Poll::Ready(None) => {
+                    if let (Some(conn), Some(u)) = (
+                        b.take_conn(),
+                        this.guard.as_mut().and_then(|g| g.upstream.as_mut()),
+                    ) {
+                        u.pooled = Some(Pooled::Raw(conn));
+                    }
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            },
             RespInner::Upstream(b) => match Pin::new(&mut *b).poll_frame(cx) {
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(g) = this.guard.as_mut() {
@@ -616,6 +680,7 @@ impl Body for RespBody {
         match &self.inner {
             RespInner::Full(d) => d.is_none(),
             RespInner::Upstream(b) => b.is_end_stream(),
+            RespInner::Raw(b) => b.is_end_stream(),
         }
     }
 
@@ -623,6 +688,7 @@ impl Body for RespBody {
         match &self.inner {
             RespInner::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
             RespInner::Upstream(b) => b.size_hint(),
+            RespInner::Raw(b) => b.size_hint(),
         }
     }
 }

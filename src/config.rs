@@ -269,6 +269,7 @@ struct RawUpstream {
     idle_timeout: Option<String>,
     max_idle_per_endpoint: Option<usize>,
     read_buffer_bytes: Option<usize>,
+    fast_http1: Option<bool>,
     tls: Option<RawUpstreamTls>,
 }
 
@@ -282,6 +283,7 @@ struct RawPool {
     idle_timeout: Option<String>,
     max_idle_per_endpoint: Option<usize>,
     read_buffer_bytes: Option<usize>,
+    fast_http1: Option<bool>,
     tls: Option<RawUpstreamTls>,
     health: Option<RawHealth>,
 }
@@ -630,6 +632,11 @@ pub struct UpstreamSettings {
     /// response head accepted (a larger one is a 502). HTTP/2 upstreams are
     /// bounded by their flow-control windows instead.
     pub read_buffer_bytes: usize,
+    /// Plaintext HTTP/1.1 endpoints: bodiless GET and HEAD go out on cyan's
+    /// own client ([`crate::h1client`]) instead of hyper's. On by default;
+    /// `false` sends every request through hyper (a switch to fall back on,
+    /// should cyan's client ever misread an endpoint).
+    pub fast_http1: bool,
     pub tls: Option<UpstreamTls>,
 }
 
@@ -1807,6 +1814,7 @@ fn validate_pool(
             defaults::MIN_READ_BUFFER_BYTES,
             defaults::MAX_READ_BUFFER_BYTES,
         ),
+        fast_http1: pool.fast_http1.or(svc.fast_http1).unwrap_or(true),
         tls,
     };
     Some(PoolConfig {

@@ -72,6 +72,7 @@ pub mod ctl;
 pub mod demo;
 #[doc(hidden)]
 pub mod fuzz_targets;
+pub mod h1client;
 pub mod headers;
 pub mod health;
 pub mod keepalive;

@@ -442,7 +442,7 @@ fn shape_for_upstream(
 fn respond(
     svc: &Service,
     color: Color,
-    resp: Response<Incoming>,
+    resp: Response<crate::upstream::UpBody>,
     pooled: Option<crate::upstream::Pooled>,
     mut guard: RequestGuard,
     client_version: Version,
@@ -547,7 +547,7 @@ fn client_body_timed_out(e: &UpstreamError) -> bool {
     let UpstreamError::Exchange { source, .. } = e else {
         return false;
     };
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&**source);
     while let Some(err) = cur {
         if err.is::<BodyIdleTimeout>() {
             return true;

@@ -15,6 +15,13 @@
 //! connection found closed gives the request back (hyper's
 //! `try_send_request`) and it goes out on a fresh connection; a failure before
 //! anything was written returns it to the caller for a retry elsewhere.
+//!
+//! Bodiless GET and HEAD requests to a plaintext HTTP/1.1 endpoint skip
+//! hyper's client and go out on cyan's own ([`crate::h1client`]), from a
+//! pool of plain sockets kept next to hyper's: the request's task writes
+//! the head and reads the answer itself. A pooled socket the endpoint has
+//! closed is seen before it is used ([`RawConn::alive`]) and dropped; a
+//! request written is never sent again, as with hyper.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -36,6 +43,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::body::{BodySent, BoxError, ReqBody};
 use crate::config::{Protocol, UpstreamSettings};
+use crate::h1client::{self, RawBody, RawConn};
 
 /// Why an upstream exchange failed; mapped to a status in one place
 /// (`proxy::error_response`).
@@ -53,10 +61,7 @@ pub enum UpstreamError {
     #[error("{addr} sent no response head within {after:?}")]
     ResponseTimeout { addr: SocketAddr, after: Duration },
     #[error("exchange with {addr} failed: {source}")]
-    Exchange {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    Exchange { addr: SocketAddr, source: BoxError },
 }
 
 impl UpstreamError {
@@ -82,6 +87,15 @@ pub struct SendFailure {
 #[derive(Debug)]
 pub enum Pooled {
     H1(H1Conn),
+    /// cyan's own client's socket, handed over by its body at the end.
+    Raw(RawConn),
+}
+
+/// A response body from either client.
+#[derive(Debug)]
+pub enum UpBody {
+    Hyper(Incoming),
+    Raw(RawBody),
 }
 
 impl Pooled {
@@ -95,9 +109,13 @@ impl Pooled {
     /// abandoned download. The reset is what HAProxy sends on an aborted
     /// server connection too.
     pub fn abandon(self) {
-        let Pooled::H1(c) = self;
-        c.abandoned.store(true, Ordering::Relaxed);
-        c.task.abort();
+        match self {
+            Pooled::H1(c) => {
+                c.abandoned.store(true, Ordering::Relaxed);
+                c.task.abort();
+            }
+            Pooled::Raw(c) => c.reset(),
+        }
     }
 }
 
@@ -177,6 +195,12 @@ struct Idle {
     since: Instant,
 }
 
+#[derive(Debug)]
+struct RawIdle {
+    conn: RawConn,
+    since: Instant,
+}
+
 /// Client-side TLS for an endpoint.
 #[derive(Clone)]
 pub struct UpstreamTlsConfig {
@@ -202,6 +226,10 @@ pub struct Upstream {
     /// Consecutive failed requests (passive health); 0 after any success.
     failures: AtomicU32,
     idle: ArrayQueue<Idle>,
+    /// Idle sockets of cyan's own HTTP/1.1 client.
+    raw_idle: ArrayQueue<RawIdle>,
+    /// Bodiless GET and HEAD take cyan's own client (plaintext HTTP/1.1).
+    raw: bool,
     h2: ArcSwapOption<http2::SendRequest<ReqBody>>,
     h2_connect: tokio::sync::Mutex<()>,
 }
@@ -215,6 +243,8 @@ impl Upstream {
         Upstream {
             addr,
             idle: ArrayQueue::new(settings.max_idle_per_endpoint),
+            raw_idle: ArrayQueue::new(settings.max_idle_per_endpoint),
+            raw: settings.protocol == Protocol::Http1 && tls.is_none() && settings.fast_http1,
             settings,
             tls,
             in_flight: AtomicU32::new(0),
@@ -261,14 +291,23 @@ impl Upstream {
 
     /// Idle HTTP/1.1 connections held.
     pub fn idle_connections(&self) -> usize {
-        self.idle.len()
+        self.idle.len() + self.raw_idle.len()
     }
 
     /// Returns a connection whose response has been read to its end. hyper
     /// marks it ready a moment after the body's end reached us; one not yet
     /// ready is awaited (bounded) in a small task, off the request path.
     pub fn check_in(&self, pooled: Pooled) {
-        let Pooled::H1(conn) = pooled;
+        let conn = match pooled {
+            Pooled::H1(conn) => conn,
+            Pooled::Raw(conn) => {
+                let _ = self.raw_idle.push(RawIdle {
+                    conn,
+                    since: Instant::now(),
+                });
+                return;
+            }
+        };
         if conn.tx.is_closed() {
             return;
         }
@@ -283,6 +322,15 @@ impl Upstream {
 
     /// Closes idle connections older than the idle timeout.
     pub fn reap_idle(&self) {
+        for _ in 0..self.raw_idle.len() {
+            match self.raw_idle.pop() {
+                Some(i) if i.since.elapsed() < self.settings.idle_timeout => {
+                    let _ = self.raw_idle.push(i);
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
         let n = self.idle.len();
         for _ in 0..n {
             match self.idle.pop() {
@@ -393,7 +441,10 @@ impl Upstream {
         self: &Arc<Self>,
         mut req: Request<ReqBody>,
         body_sent: Option<&BodySent>,
-    ) -> Result<(Response<Incoming>, Option<Pooled>), SendFailure> {
+    ) -> Result<(Response<UpBody>, Option<Pooled>), SendFailure> {
+        if self.raw && h1client::eligible(&req) {
+            return self.send_raw(req).await;
+        }
         let addr = self.addr;
         // Pooled connections may turn out closed; each such attempt gives the
         // request back untouched. Bounded so a broken endpoint cannot spin.
@@ -418,13 +469,13 @@ impl Upstream {
                     let fut = conn.tx.try_send_request(req);
                     self.await_head(fut, body_sent)
                         .await
-                        .map(|resp| (resp, Some(Pooled::H1(conn))))
+                        .map(|resp| (resp.map(UpBody::Hyper), Some(Pooled::H1(conn))))
                 }
                 Sender::H2(mut tx) => {
                     let fut = tx.try_send_request(req);
                     self.await_head(fut, body_sent)
                         .await
-                        .map(|resp| (resp, None))
+                        .map(|resp| (resp.map(UpBody::Hyper), None))
                 }
             };
             match result {
@@ -466,6 +517,81 @@ impl Upstream {
         })
     }
 
+    /// A bodiless GET or HEAD on cyan's own client ([`crate::h1client`]).
+    /// The body of the answer owns the socket and hands it back at its end.
+    async fn send_raw(
+        self: &Arc<Self>,
+        req: Request<ReqBody>,
+    ) -> Result<(Response<UpBody>, Option<Pooled>), SendFailure> {
+        let addr = self.addr;
+        let mut head = Vec::with_capacity(512);
+        h1client::encode_head(&req, &mut head);
+        let head_request = req.method() == http::Method::HEAD;
+        let limit = self.settings.read_buffer_bytes;
+        let after = self.settings.response_timeout;
+        // A pooled socket is taken only if the endpoint has not closed it
+        // (`RawConn::alive`); once the head is written the request is never
+        // sent again, whatever happens: it may have reached the endpoint.
+        let (mut conn, fresh) = match self.raw_checkout() {
+            Some(c) => (c, false),
+            None => match Box::pin(self.connect_raw()).await {
+                Ok(c) => (c, true),
+                Err(error) => {
+                    return Err(SendFailure {
+                        error,
+                        request: Some(req),
+                    })
+                }
+            },
+        };
+        let exchange = async {
+            conn.write(&head).await?;
+            conn.read_head(limit, head_request).await
+        };
+        match tokio::time::timeout(after, exchange).await {
+            Err(_) => Err(SendFailure {
+                error: UpstreamError::ResponseTimeout { addr, after },
+                request: None,
+            }),
+            Ok(Ok((parts, framing, reuse))) => {
+                let body = RawBody::new(conn, framing, reuse, limit);
+                Ok((Response::from_parts(parts, UpBody::Raw(body)), None))
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %addr, fresh, error = %e, "upstream exchange failed");
+                Err(SendFailure {
+                    error: UpstreamError::Exchange {
+                        addr,
+                        source: Box::new(e),
+                    },
+                    request: None,
+                })
+            }
+        }
+    }
+
+    fn raw_checkout(&self) -> Option<RawConn> {
+        while let Some(mut i) = self.raw_idle.pop() {
+            if i.since.elapsed() < self.settings.idle_timeout && i.conn.alive() {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    async fn connect_raw(&self) -> Result<RawConn, UpstreamError> {
+        let addr = self.addr;
+        let limit = self.settings.connect_timeout;
+        match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
+            Err(_) => Err(UpstreamError::ConnectTimeout { addr, after: limit }),
+            Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(RawConn::new(s))
+            }
+        }
+    }
+
     fn drop_h2_if_closed(&self) {
         if let Some(tx) = self.h2.load().as_ref() {
             if tx.is_closed() {
@@ -498,7 +624,7 @@ impl Upstream {
                 Ok(resp) => Ok(resp),
                 Err(mut e) => match e.take_message() {
                     Some(req) => Err(Attempt::NotSent(Box::new(req), e.into_error())),
-                    None => Err(Attempt::Failed(UpstreamError::Exchange { addr, source: e.into_error() })),
+                    None => Err(Attempt::Failed(UpstreamError::Exchange { addr, source: Box::new(e.into_error()) })),
                 },
             },
             () = timer => Err(Attempt::Failed(UpstreamError::ResponseTimeout { addr, after })),

@@ -1,0 +1,863 @@
+//! cyan's own HTTP/1.1 client for the common exchange: a bodiless GET or
+//! HEAD to a plaintext HTTP/1.1 endpoint.
+//!
+//! hyper's client runs every upstream connection as a task of its own and
+//! hands each request to it over a channel; the response head and each body
+//! chunk come back the same way. For a proxy that costs two task hand-offs
+//! and their wake-ups per request, and it was ~32 % of cyan's user-space
+//! instructions per proxied HTTP/1.1 request (callgrind, `benches/README.md`
+//! "Profile"). Here the request's own task writes the head and reads the
+//! answer: the connection is a plain socket with a read buffer, owned by the
+//! request while it is in use and by the pool ([`crate::upstream`]) between
+//! requests.
+//!
+//! The scope is deliberately narrow, and everything outside it still goes
+//! through hyper:
+//!
+//! * only GET and HEAD, with no body (what a gateway mostly proxies, and
+//!   where a request is nothing but its head);
+//! * no upgrade, no upstream TLS, no HTTP/2.
+//!
+//! A pooled connection the endpoint closed while it sat idle is told apart
+//! before it is used ([`RawConn::alive`]) without a read per request. A
+//! request once written is never sent again: it may have reached the
+//! endpoint (cyan's contract is that no request reaches two backends).
+//!
+//! Responses are read strictly (RFC 9112 §6.3): a head larger than
+//! `read_buffer_bytes`, over 100 headers, an invalid or conflicting
+//! `Content-Length` or malformed chunked framing is an error (502), never a
+//! guess. Interim 1xx answers are skipped, as hyper does. A body framed by
+//! the connection's close, `Connection: close`, an HTTP/1.0 answer without
+//! keep-alive and bytes past the end of a response all keep the connection
+//! out of the pool.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// The most response headers accepted (hyper's default too).
+const MAX_HEADERS: usize = 100;
+
+/// The longest chunk-size line (with its extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Why an exchange on a raw connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RawError {
+    #[error("connection closed before a response (nothing read)")]
+    ClosedEarly,
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("connection closed mid-response")]
+    Truncated,
+    #[error("invalid response: {0}")]
+    Invalid(&'static str),
+}
+
+/// Whether `req` can take the raw path: GET or HEAD, no body, no upgrade.
+pub fn eligible<B: Body>(req: &Request<B>) -> bool {
+    (req.method() == Method::GET || req.method() == Method::HEAD)
+        && req.body().is_end_stream()
+        && !req.headers().contains_key(header::UPGRADE)
+        && !req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0")
+}
+
+/// The request head as sent: origin-form target, HTTP/1.1, the headers as
+/// they are (lower-case names, as hyper writes them).
+pub fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// An upstream connection: the socket and what was read but not used.
+#[derive(Debug)]
+pub struct RawConn {
+    io: TcpStream,
+    buf: BytesMut,
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (HEAD, 1xx, 204, 304, `Content-Length: 0`).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes.
+    Close,
+}
+
+impl RawConn {
+    pub fn new(io: TcpStream) -> RawConn {
+        RawConn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Closes the socket with a reset (an abandoned exchange): nothing more
+    /// is read, and no TIME_WAIT is left on cyan's side.
+    pub fn reset(self) {
+        let _ = socket2::SockRef::from(&self.io).set_linger(Some(Duration::ZERO));
+    }
+
+    /// Whether the endpoint has left the connection alone since its last
+    /// answer. tokio clears a socket's read readiness after a read that did
+    /// not fill its buffer (epoll), so readiness on an idle pooled socket
+    /// means something came after the answer: a close, a reset or stray
+    /// bytes. Only then is the socket read (once, without waiting) to tell;
+    /// a socket still quiet costs no system call.
+    pub fn alive(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Writes a request head.
+    pub async fn write(&mut self, head: &[u8]) -> io::Result<()> {
+        self.io.write_all(head).await
+    }
+
+    /// Reads a response head (skipping interim 1xx answers); `limit` bounds
+    /// the head's size. Returns the head, its body's framing and whether the
+    /// connection may be reused after the body.
+    pub async fn read_head(
+        &mut self,
+        limit: usize,
+        head_request: bool,
+    ) -> Result<(http::response::Parts, Framing, bool), RawError> {
+        let mut got_any = false;
+        loop {
+            if !self.buf.is_empty() {
+                got_any = true;
+                match parse_head(&mut self.buf, head_request)? {
+                    Some(Parsed::Interim) => continue,
+                    Some(Parsed::Final(parts, framing, reuse)) => {
+                        return Ok((parts, framing, reuse))
+                    }
+                    None if self.buf.len() >= limit => {
+                        return Err(RawError::Invalid("response head too large"))
+                    }
+                    None => {}
+                }
+            }
+            let n = std::future::poll_fn(|cx| fill(&mut self.io, &mut self.buf, limit, cx)).await;
+            match n {
+                Ok(0) if got_any => return Err(RawError::Truncated),
+                Ok(0) => return Err(RawError::ClosedEarly),
+                Ok(_) => {}
+                Err(e) => return Err(RawError::Io(e)),
+            }
+        }
+    }
+}
+
+/// Reads once into `buf`'s spare room, at most up to `limit` bytes held.
+fn fill(
+    io: &mut TcpStream,
+    buf: &mut BytesMut,
+    limit: usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    let room = limit.saturating_sub(buf.len()).max(1);
+    if buf.capacity() - buf.len() < room {
+        buf.reserve(room);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut (&mut *buf).limit(room))
+}
+
+enum Parsed {
+    Interim,
+    Final(http::response::Parts, Framing, bool),
+}
+
+/// Parses a complete head at the front of `buf` and consumes it; `None`
+/// when more bytes are needed.
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, RawError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(RawError::Invalid("too many headers")),
+        Err(_) => return Err(RawError::Invalid("malformed response head")),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|_| RawError::Invalid("invalid status"))?;
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        buf.advance(len);
+        return Ok(Some(Parsed::Interim));
+    }
+    // Header values are kept as slices of the head, not copied.
+    let base = buf.as_ptr() as usize;
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let count = resp.headers.len();
+    for (h, span) in resp.headers.iter().zip(spans.iter_mut()) {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *span = (name, name + h.name.len(), value, value + h.value.len());
+    }
+    let head = buf.split_to(len).freeze();
+    let mut map = HeaderMap::with_capacity(count);
+    for &(n0, n1, v0, v1) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[n0..n1])
+            .map_err(|_| RawError::Invalid("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+            .map_err(|_| RawError::Invalid("invalid header value"))?;
+        map.append(name, value);
+    }
+    let mut reuse = match version {
+        Version::HTTP_10 => has_token(&map, "keep-alive"),
+        _ => !has_token(&map, "close"),
+    };
+    let framing = if head_request
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status == StatusCode::SWITCHING_PROTOCOLS
+    {
+        Framing::Empty
+    } else if map.contains_key(header::TRANSFER_ENCODING) {
+        if last_coding_is_chunked(&map) {
+            Framing::Chunked
+        } else {
+            reuse = false;
+            Framing::Close
+        }
+    } else if map.contains_key(header::CONTENT_LENGTH) {
+        match content_length(&map)? {
+            0 => Framing::Empty,
+            n => Framing::Length(n),
+        }
+    } else {
+        reuse = false;
+        Framing::Close
+    };
+    let mut parts = Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = map;
+    Ok(Some(Parsed::Final(parts, framing, reuse)))
+}
+
+/// Whether a `Connection` header lists `token`.
+fn has_token(map: &HeaderMap, token: &str) -> bool {
+    map.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+fn last_coding_is_chunked(map: &HeaderMap) -> bool {
+    map.get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Every `Content-Length` value (lists included) must be the same number.
+fn content_length(map: &HeaderMap) -> Result<u64, RawError> {
+    let mut found: Option<u64> = None;
+    for v in map.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err(RawError::Invalid("invalid Content-Length"));
+            }
+            let n: u64 = std::str::from_utf8(part)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or(RawError::Invalid("invalid Content-Length"))?;
+            if found.is_some_and(|f| f != n) {
+                return Err(RawError::Invalid("conflicting Content-Length"));
+            }
+            found = Some(n);
+        }
+    }
+    found.ok_or(RawError::Invalid("invalid Content-Length"))
+}
+
+/// Where a chunked body's decoding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines up to an empty one.
+    Trailers,
+}
+
+#[derive(Debug)]
+enum State {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+    Done,
+}
+
+/// A response body read from a [`RawConn`], chunk by chunk, each at most
+/// `read_buffer_bytes`. When it ends cleanly on a reusable connection, the
+/// connection is handed back by [`RawBody::take_conn`].
+#[derive(Debug)]
+pub struct RawBody {
+    conn: Option<RawConn>,
+    state: State,
+    reuse: bool,
+    limit: usize,
+}
+
+impl RawBody {
+    pub fn new(conn: RawConn, framing: Framing, reuse: bool, limit: usize) -> RawBody {
+        let state = match framing {
+            Framing::Empty => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::Chunked(Chunked::Size),
+            Framing::Close => State::Close,
+        };
+        RawBody {
+            conn: Some(conn),
+            state,
+            reuse,
+            limit: limit.max(1024),
+        }
+    }
+
+    /// The connection, once the body ended and when it may be reused:
+    /// nothing is left over in its buffer.
+    pub fn take_conn(&mut self) -> Option<RawConn> {
+        match self.state {
+            State::Done if self.reuse => self.conn.take().filter(|c| c.buf.is_empty()),
+            _ => None,
+        }
+    }
+
+    /// Drops the connection with a reset when its response was abandoned
+    /// before its end.
+    pub fn abandon(&mut self) {
+        if !matches!(self.state, State::Done) {
+            if let Some(c) = self.conn.take() {
+                c.reset();
+            }
+        }
+    }
+
+    fn poll_chunked(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut at: Chunked,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let limit = self.limit;
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let bad = |what: &'static str| io::Error::new(io::ErrorKind::InvalidData, what);
+        loop {
+            let buf = &mut conn.buf;
+            let step: Option<Result<Frame<Bytes>, io::Error>> = match at {
+                Chunked::Size => match find_crlf(buf) {
+                    Some(end) => {
+                        let size =
+                            parse_chunk_size(&buf[..end]).ok_or(bad("invalid chunk size"))?;
+                        buf.advance(end + 2);
+                        at = if size == 0 {
+                            Chunked::Trailers
+                        } else {
+                            Chunked::Data(size)
+                        };
+                        continue;
+                    }
+                    None if buf.len() > MAX_CHUNK_LINE => {
+                        return Poll::Ready(Some(Err(bad("chunk size line too long"))))
+                    }
+                    None => None,
+                },
+                Chunked::Data(rem) if !buf.is_empty() => {
+                    let n = (buf.len() as u64).min(rem) as usize;
+                    let data = buf.split_to(n).freeze();
+                    at = if rem == n as u64 {
+                        Chunked::DataEnd
+                    } else {
+                        Chunked::Data(rem - n as u64)
+                    };
+                    Some(Ok(Frame::data(data)))
+                }
+                Chunked::Data(_) => None,
+                Chunked::DataEnd if buf.len() >= 2 => {
+                    if &buf[..2] != b"\r\n" {
+                        return Poll::Ready(Some(Err(bad("chunk data not followed by CRLF"))));
+                    }
+                    buf.advance(2);
+                    at = Chunked::Size;
+                    continue;
+                }
+                Chunked::DataEnd => None,
+                Chunked::Trailers => {
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        self.state = State::Done;
+                        return Poll::Ready(None);
+                    }
+                    match find(buf, b"\r\n\r\n") {
+                        Some(end) => {
+                            let section = buf.split_to(end + 4);
+                            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                            let map = match httparse::parse_headers(&section, &mut headers) {
+                                Ok(httparse::Status::Complete((_, hs))) => {
+                                    let mut map = HeaderMap::with_capacity(hs.len());
+                                    for h in hs {
+                                        let name = HeaderName::from_bytes(h.name.as_bytes())
+                                            .map_err(|_| bad("invalid trailer name"))?;
+                                        let value = HeaderValue::from_bytes(h.value)
+                                            .map_err(|_| bad("invalid trailer value"))?;
+                                        map.append(name, value);
+                                    }
+                                    map
+                                }
+                                _ => return Poll::Ready(Some(Err(bad("malformed trailers")))),
+                            };
+                            self.state = State::Done;
+                            return Poll::Ready(Some(Ok(Frame::trailers(map))));
+                        }
+                        None if buf.len() >= limit => {
+                            return Poll::Ready(Some(Err(bad("trailers too large"))))
+                        }
+                        None => None,
+                    }
+                }
+            };
+            if let Some(frame) = step {
+                self.state = State::Chunked(at);
+                return Poll::Ready(Some(frame));
+            }
+            // More bytes are needed.
+            self.state = State::Chunked(at);
+            let want = match at {
+                Chunked::Data(rem) => (rem as usize).min(limit),
+                _ => limit,
+            };
+            let hold = conn.buf.len() + want.max(1);
+            let n = ready!(fill(&mut conn.io, &mut conn.buf, hold, cx))?;
+            if n == 0 {
+                return Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    RawError::Truncated,
+                ))));
+            }
+        }
+    }
+}
+
+fn find(buf: &[u8], needle: &[u8]) -> Option<usize> {
+    buf.windows(needle.len()).position(|w| w == needle)
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    find(buf, b"\r\n")
+}
+
+/// `chunk-size [ chunk-ext ]`: 1 to 16 hex digits, then optional blanks
+/// and extensions (`;` …) that are ignored. Anything else is refused.
+fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return None;
+    }
+    let rest = &line[digits..];
+    let rest = rest.trim_ascii_start();
+    if !(rest.is_empty() || rest[0] == b';') {
+        return None;
+    }
+    if rest.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(&line[..digits]).ok()?, 16).ok()
+}
+
+impl Body for RawBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        match this.state {
+            State::Done => Poll::Ready(None),
+            State::Chunked(at) => {
+                let r = this.poll_chunked(cx, at);
+                if let Poll::Ready(Some(Err(_))) = &r {
+                    this.state = State::Done;
+                    this.reuse = false;
+                }
+                r
+            }
+            State::Length(rem) => {
+                let limit = this.limit;
+                let Some(conn) = this.conn.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                if conn.buf.is_empty() {
+                    let want = (rem as usize).min(limit);
+                    match ready!(fill(&mut conn.io, &mut conn.buf, want, cx)) {
+                        Ok(0) => {
+                            this.state = State::Done;
+                            this.reuse = false;
+                            return Poll::Ready(Some(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                RawError::Truncated,
+                            ))));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            this.state = State::Done;
+                            this.reuse = false;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
+                }
+                let n = (conn.buf.len() as u64).min(rem) as usize;
+                let data = conn.buf.split_to(n).freeze();
+                let left = rem - n as u64;
+                this.state = if left == 0 {
+                    State::Done
+                } else {
+                    State::Length(left)
+                };
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            State::Close => {
+                let limit = this.limit;
+                let Some(conn) = this.conn.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                if conn.buf.is_empty() {
+                    match ready!(fill(&mut conn.io, &mut conn.buf, limit, cx)) {
+                        Ok(0) => {
+                            this.state = State::Done;
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            this.state = State::Done;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
+                }
+                let data = conn.buf.split().freeze();
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Done => SizeHint::with_exact(0),
+            State::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A raw connection whose endpoint answers `answer` to the first head
+    /// it reads, then keeps the socket open (or closes it: `close`).
+    async fn conn_answering(answer: &'static [u8], close: bool) -> RawConn {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            s.write_all(answer).await.unwrap();
+            if close {
+                drop(s);
+            } else {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+        let mut c = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        c.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        c
+    }
+
+    async fn exchange(
+        answer: &'static [u8],
+        close: bool,
+        head: bool,
+    ) -> Result<(u16, Vec<u8>, Option<HeaderMap>, bool), String> {
+        let mut c = conn_answering(answer, close).await;
+        let (parts, framing, reuse) = c.read_head(16384, head).await.map_err(|e| e.to_string())?;
+        let mut body = RawBody::new(c, framing, reuse, 16384);
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(f) = body.frame().await {
+            let f = f.map_err(|e| e.to_string())?;
+            if let Some(d) = f.data_ref() {
+                data.extend_from_slice(d);
+            } else {
+                trailers = f.into_trailers().ok();
+            }
+        }
+        let reusable = body.take_conn().is_some();
+        Ok((parts.status.as_u16(), data, trailers, reusable))
+    }
+
+    #[tokio::test]
+    async fn content_length_body_and_reuse() {
+        let r = exchange(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.0, &r.1[..], r.3), (200, &b"hello"[..], true));
+        // HEAD: no body, whatever Content-Length says.
+        let r = exchange(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false, true)
+            .await
+            .unwrap();
+        assert_eq!((r.0, r.1.len(), r.3), (200, 0, true));
+        // Connection: close and HTTP/1.0 without keep-alive are not reused.
+        let r = exchange(
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            true,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!((&r.1[..], r.3), (&b"ok"[..], false));
+        let r = exchange(
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            true,
+            false,
+        )
+        .await
+        .unwrap();
+        assert!(!r.3);
+        // Bytes past the end of the response: not reused.
+        let r = exchange(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA",
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!((&r.1[..], r.3), (&b"ok"[..], false));
+    }
+
+    #[tokio::test]
+    async fn chunked_body_with_extensions_and_trailers() {
+        let r = exchange(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;name=v\r\nhello\r\n1\r\n!\r\n0\r\ngrpc-status: 0\r\n\r\n",
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(&r.1[..], b"hello!");
+        assert_eq!(r.2.unwrap()["grpc-status"], "0");
+        assert!(r.3, "a clean chunked end leaves the connection reusable");
+        let r = exchange(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!((&r.1[..], r.2.is_none(), r.3), (&b"abc"[..], true, true));
+    }
+
+    #[tokio::test]
+    async fn malformed_framing_is_an_error() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n11111111111111111\r\n",
+        ] {
+            let r = exchange(bad, true, false).await;
+            assert!(
+                r.is_err(),
+                "{:?} was accepted: {r:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5x\r\n\r\nhello",
+            b"HTTP/1.1 999x OK\r\n\r\n",
+            b"NOT HTTP\r\n\r\n",
+        ] {
+            let r = exchange(bad, true, false).await;
+            assert!(
+                r.is_err(),
+                "{:?} was accepted: {r:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // A body cut short is an error, not a short success.
+        let r = exchange(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
+            true,
+            false,
+        )
+        .await;
+        assert!(r.is_err());
+        // The same value repeated is one length.
+        let r = exchange(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello",
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(&r.1[..], b"hello");
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped_and_close_delimited_bodies_read_to_the_end() {
+        let r = exchange(
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n\r\nuntil close",
+            true,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.0, &r.1[..], r.3), (200, &b"until close"[..], false));
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_closed_by_the_endpoint_is_not_alive() {
+        let mut c = conn_answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
+        let (_, framing, reuse) = c.read_head(16384, false).await.unwrap();
+        let mut body = RawBody::new(c, framing, reuse, 16384);
+        while body.frame().await.is_some() {}
+        let mut c = body.take_conn().expect("reusable");
+        assert!(c.alive(), "an endpoint that keeps the connection open");
+        // Closed after its answer (the endpoint's side drops the socket).
+        let mut c2 = conn_answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true).await;
+        let (_, framing, reuse) = c2.read_head(16384, false).await.unwrap();
+        let mut body = RawBody::new(c2, framing, reuse, 16384);
+        while body.frame().await.is_some() {}
+        let mut c2 = body.take_conn().expect("reusable by its headers");
+        // Let the close arrive and the reactor see it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!c2.alive(), "closed by the endpoint");
+        assert!(c.alive());
+        // Nothing at all before a close.
+        let mut c3 = conn_answering(b"", true).await;
+        assert!(matches!(
+            c3.read_head(16384, false).await,
+            Err(RawError::ClosedEarly)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_head_past_the_limit_is_refused() {
+        let big: &'static [u8] = Box::leak(
+            format!("HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n", "a".repeat(5000))
+                .into_bytes()
+                .into_boxed_slice(),
+        );
+        let mut c = conn_answering(big, false).await;
+        assert!(matches!(
+            c.read_head(4096, false).await,
+            Err(RawError::Invalid("response head too large"))
+        ));
+    }
+
+    #[test]
+    fn eligibility_and_head_encoding() {
+        let get = Request::get("/a?b=1")
+            .header("host", "example")
+            .header("x-forwarded-for", "10.0.0.1")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        assert!(eligible(&get));
+        let mut out = Vec::new();
+        encode_head(&get, &mut out);
+        assert_eq!(
+            out,
+            b"GET /a?b=1 HTTP/1.1\r\nhost: example\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"
+        );
+        let post = Request::post("/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        assert!(!eligible(&post));
+        let ws = Request::get("/")
+            .header("upgrade", "websocket")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        assert!(!eligible(&ws));
+        let with_body = Request::get("/")
+            .body(http_body_util::Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        assert!(!eligible(&with_body));
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        assert_eq!(parse_chunk_size(b"1a"), Some(26));
+        assert_eq!(parse_chunk_size(b"0"), Some(0));
+        assert_eq!(parse_chunk_size(b"5 ;x=y"), Some(5));
+        assert_eq!(parse_chunk_size(b""), None);
+        assert_eq!(parse_chunk_size(b"5x"), None);
+        assert_eq!(parse_chunk_size(b"0x5"), None);
+        assert_eq!(parse_chunk_size(b"11111111111111111"), None);
+        assert_eq!(parse_chunk_size(b"ffffffffffffffff"), Some(u64::MAX));
+    }
+}
