@@ -1860,6 +1860,26 @@ green = { endpoints = ["127.0.0.1:9001"] }
     }
 
     #[test]
+    fn fast_http1_is_on_by_default_and_set_per_service_and_pool() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert!(c.services[0].blue.upstream.fast_http1);
+        let text = MINIMAL.replace(
+            "green = { endpoints = [\"127.0.0.1:9001\"] }",
+            "green = { endpoints = [\"127.0.0.1:9001\"], fast_http1 = true }\n\
+             [service.upstream]\nfast_http1 = false",
+        );
+        let c = Config::parse(&text).unwrap();
+        assert!(!c.services[0].blue.upstream.fast_http1);
+        assert!(c.services[0].green.upstream.fast_http1);
+        let bad = MINIMAL.replace(
+            "green = { endpoints = [\"127.0.0.1:9001\"] }",
+            "green = { endpoints = [\"127.0.0.1:9001\"], fast_http1 = \"yes\" }",
+        );
+        let e = Config::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("fast_http1"), "{e}");
+    }
+
+    #[test]
     fn read_buffer_is_set_per_service_and_pool_within_bounds() {
         let text = MINIMAL.replace(
             "green = { endpoints = [\"127.0.0.1:9001\"] }",

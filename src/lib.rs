@@ -21,7 +21,9 @@
 //!              let color = split::choose_color()  override > sticky bucket > draw
 //!              let ep    = split::pick_endpoint() P2C on in-flight, eligible only
 //!              upstream::Upstream::send           pooled h1/h2 connection, one retry
-//!                                                 when nothing was sent
+//!                                                 when nothing was sent; bodiless
+//!                                                 GET/HEAD to plaintext h1 on
+//!                                                 cyan's own client (h1client)
 //!              body::RespBody                     streams back, records at the end
 //!         ◄─ response, or ProxyError → 4xx/502/503/504 in one place (proxy::error_response)
 //!
@@ -53,6 +55,7 @@
 //! | [`headers`] | request validation and header hygiene (hop-by-hop, forwarding) |
 //! | [`proxy`] | the per-request flow and the error → status mapping |
 //! | [`upstream`] | per-endpoint connection pools (h1 / h2 / h2c, TLS), timeouts |
+//! | [`h1client`] | cyan's own HTTP/1.1 client for bodiless GET/HEAD: strict framing, no task per connection |
 //! | [`body`] | request/response body types: idle timeout, end-of-request accounting |
 //! | [`server`] | listeners, accept loop, limits, PROXY protocol, graceful drain |
 //! | [`keepalive`] | HTTP/1.1 between requests: hyper released, socket kept, bytes replayed |

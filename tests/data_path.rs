@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use cyan::config::Color;
 use cyan::table::{Applied, Command};
+use support::faults::with_addrs;
 use support::*;
 
 /// Moves service `gateway` to `candidate_bp` on the live table.
@@ -783,5 +784,143 @@ async fn clients_that_give_up_are_not_upstream_failures() {
     );
     let window = pool.metrics.window.summary(std::time::Instant::now(), None);
     assert_eq!(window.failures, 0, "no failure for the rollback analysis");
+    server.shutdown().await;
+}
+
+/// A bare HTTP/1.1 backend: on each connection, answers every request head
+/// with `answer` and closes the connection `close_after` the answer (an
+/// endpoint that times idle keep-alive connections out). Returns its
+/// address and a count of the connections it accepted.
+async fn closing_backend(
+    answer: &'static [u8],
+    close_after: Duration,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(answer).await;
+                tokio::time::sleep(close_after).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Upstream keep-alive connections the endpoint closed while they sat in
+/// the pool are never used: every request of a series spaced past the
+/// endpoint's idle close succeeds, each on a new connection. Both with
+/// cyan's own HTTP/1.1 client (GET) and with hyper's (`fast_http1 = false`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_the_endpoint_closed_are_never_used() {
+    for fast in [true, false] {
+        let (addr, accepted) = closing_backend(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            Duration::from_millis(20),
+        )
+        .await;
+        let text = format!(
+            "{}\n[service.upstream]\nfast_http1 = {fast}\n",
+            service_config(0.0, "")
+        );
+        let cfg = with_addrs(&text, &[addr], &[addr]);
+        let (server, proxy) = start_proxy(&cfg).await;
+        let client = h1_client();
+        for i in 0..12 {
+            let (status, _, body) = get(&client, proxy, "/", &[]).await;
+            assert_eq!(
+                (status.as_u16(), body.as_str()),
+                (200, "hello"),
+                "request {i} (fast_http1 = {fast})"
+            );
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 12, "fast_http1 = {fast}");
+        server.shutdown().await;
+    }
+}
+
+/// Chunked answers (with extensions and trailers), HEAD answers and
+/// answers framed by the connection's close reach the client whole through
+/// cyan's own HTTP/1.1 client; a malformed chunked body is cut off, never
+/// passed on as if it were complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_client_relays_chunked_head_and_close_framed_answers() {
+    let cases: [(&'static [u8], &str, u16, &str); 3] = [
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nx-t: 1\r\n\r\n",
+            "GET",
+            200,
+            "hello!",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            "HEAD",
+            200,
+            "",
+        ),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the close", "GET", 200, "until the close"),
+    ];
+    for (answer, method, want_status, want_body) in cases {
+        let (addr, _) = closing_backend(answer, Duration::ZERO).await;
+        let cfg = with_addrs(&service_config(0.0, ""), &[addr], &[addr]);
+        let (server, proxy) = start_proxy(&cfg).await;
+        let client = h1_client();
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{proxy}/"))
+            .body(empty())
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), want_status);
+        if method == "HEAD" {
+            assert_eq!(resp.headers()["content-length"], "5");
+        }
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map(|c| c.to_bytes());
+        assert_eq!(
+            body.as_deref().ok(),
+            Some(want_body.as_bytes()),
+            "{method} {:?}",
+            String::from_utf8_lossy(answer)
+        );
+        server.shutdown().await;
+    }
+    // Broken chunk framing: the client's body fails, it is not cut short
+    // into something that looks whole.
+    let (addr, _) = closing_backend(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+        Duration::from_millis(200),
+    )
+    .await;
+    let cfg = with_addrs(&service_config(0.0, ""), &[addr], &[addr]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let resp = h1_client()
+        .request(
+            http::Request::get(format!("http://{proxy}/"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+    assert!(
+        body.is_err(),
+        "a malformed chunked body is not passed on whole"
+    );
     server.shutdown().await;
 }
