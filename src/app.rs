@@ -178,7 +178,11 @@ impl App {
     /// first so load balancers stop sending new connections.
     pub async fn shutdown(self) -> DrainReport {
         self.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+        let table = self.server.table.clone();
         let report = self.server.shutdown().await;
+        // A change the drivers were committing as the drain ended is
+        // written before the process goes (a restart must find it).
+        table.settle();
         self.metrics_stop.cancel();
         // After a hand-over the socket files are the successor's.
         if !self.handed_over.load(std::sync::atomic::Ordering::SeqCst) {

@@ -153,6 +153,7 @@ struct RawListener {
     h2_max_concurrent_streams: Option<u32>,
     notsent_lowat_bytes: Option<u32>,
     request_buffer_bytes: Option<u32>,
+    fast_http1: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -424,6 +425,11 @@ pub struct ListenerConfig {
     /// connect is retried with it. The memory it holds is bounded by
     /// `max_connections` (HTTP/2: times the streams) times this.
     pub request_buffer_bytes: usize,
+    /// HTTP/1.1 clients: bodiless GET and HEAD whose head comes whole are
+    /// read and answered by cyan's own code ([`crate::h1server`]) instead
+    /// of hyper's server; any other request goes to hyper as before. On by
+    /// default; `false` sends every request through hyper.
+    pub fast_http1: bool,
 }
 
 impl ListenerConfig {
@@ -1246,6 +1252,7 @@ fn validate_listener(
         h2_max_concurrent_streams,
         notsent_lowat_bytes: (notsent_lowat != 0).then_some(notsent_lowat),
         request_buffer_bytes: request_buffer as usize,
+        fast_http1: l.fast_http1.unwrap_or(true),
     };
     Some(cfg)
 }

@@ -32,6 +32,7 @@
 //! out of the pool.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -206,14 +207,37 @@ enum Parsed {
 /// Parses a complete head at the front of `buf` and consumes it; `None`
 /// when more bytes are needed.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, RawError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(RawError::Invalid("too many headers")),
-        Err(_) => return Err(RawError::Invalid("malformed response head")),
+    // Uninitialized: zeroing 100 headers cost more than parsing a head.
+    let len = {
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            buf,
+            &mut headers,
+        ) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(RawError::Invalid("too many headers"))
+            }
+            Err(_) => return Err(RawError::Invalid("malformed response head")),
+        }
     };
+    // The head, frozen: header values become slices of it, not copies.
+    let head = buf.split_to(len).freeze();
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    if !matches!(
+        httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            &head,
+            &mut headers,
+        ),
+        Ok(httparse::Status::Complete(_))
+    ) {
+        return Err(RawError::Invalid("malformed response head"));
+    }
     let code = resp.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| RawError::Invalid("invalid status"))?;
     let version = if resp.version == Some(0) {
@@ -222,24 +246,13 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         Version::HTTP_11
     };
     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-        buf.advance(len);
         return Ok(Some(Parsed::Interim));
     }
-    // Header values are kept as slices of the head, not copied.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let count = resp.headers.len();
-    for (h, span) in resp.headers.iter().zip(spans.iter_mut()) {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        *span = (name, name + h.name.len(), value, value + h.value.len());
-    }
-    let head = buf.split_to(len).freeze();
-    let mut map = HeaderMap::with_capacity(count);
-    for &(n0, n1, v0, v1) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[n0..n1])
+    let mut map = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| RawError::Invalid("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
             .map_err(|_| RawError::Invalid("invalid header value"))?;
         map.append(name, value);
     }

@@ -76,6 +76,7 @@ pub mod demo;
 #[doc(hidden)]
 pub mod fuzz_targets;
 pub mod h1client;
+pub mod h1server;
 pub mod headers;
 pub mod health;
 pub mod keepalive;

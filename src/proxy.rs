@@ -103,8 +103,16 @@ pub struct ConnCtx {
     pub slot: Arc<crate::server::ConnSlot>,
 }
 
+/// A request body as a server path hands it over: hyper's, or none (cyan's
+/// own HTTP/1.1 path, [`crate::h1server`], takes bodiless requests only).
+#[derive(Debug)]
+pub enum ClientIn {
+    Hyper(Incoming),
+    Empty,
+}
+
 /// Handles one request. Never fails: every error is a response.
-pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<Incoming>) -> Response<RespBody> {
+pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<ClientIn>) -> Response<RespBody> {
     let start = Instant::now();
     let mut guard = RequestGuard::new(conn.activity.clone());
     if let Some(log) = &conn.listener.access_log {
@@ -146,11 +154,14 @@ pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<Incoming>) -> Re
     // trickling its body costs no connect, and the choice is made on the
     // table and the pools' health as they are when the request can go.
     let (parts, body) = req.into_parts();
-    let (mut body, body_sent) = ReqBody::client(
-        body,
-        conn.listener.config.body_idle_timeout,
-        &conn.activity.probe,
-    );
+    let (mut body, body_sent) = match body {
+        ClientIn::Hyper(b) => ReqBody::client(
+            b,
+            conn.listener.config.body_idle_timeout,
+            &conn.activity.probe,
+        ),
+        ClientIn::Empty => (ReqBody::Empty, None),
+    };
     if let Some(a) = guard.access() {
         a.body = body_sent.clone();
     }

@@ -36,14 +36,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::Request;
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::{service_fn, HttpService};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -54,6 +54,7 @@ use std::os::fd::AsFd;
 
 use crate::body::RespBody;
 use crate::config::{Config, ListenerConfig};
+use crate::h1server::{self, Written};
 use crate::keepalive::{self, IdleProbe, Rewind, Sniffed, WaitReadable, Watched};
 use crate::metrics::Metrics;
 use crate::proxy::{self, ConnCtx, ListenerCtx};
@@ -728,6 +729,7 @@ impl Connection {
         };
         let activity = conn.activity.clone();
         let table = self.table.clone();
+        let fast_conn = conn.clone();
         let handler = move |req: Request<Incoming>| {
             // Counted here, when hyper hands the request over, so the
             // keep-alive release never sees a parsed request as idle.
@@ -740,7 +742,10 @@ impl Connection {
             }
             let conn = conn.clone();
             let table = table.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(&table, &conn, req).await) }
+            async move {
+                let req = req.map(proxy::ClientIn::Hyper);
+                Ok::<_, Infallible>(proxy::handle(&table, &conn, req).await)
+            }
         };
         match proto {
             Sniffed::Http2 => {
@@ -757,14 +762,17 @@ impl Connection {
                 activity
                     .hold_body_when_blocked
                     .store(true, Ordering::Relaxed);
-                self.serve_h1(io, pre, service_fn(handler), &activity).await
+                self.serve_h1(io, pre, service_fn(handler), &fast_conn)
+                    .await
             }
         }
     }
 
-    /// HTTP/1.1: one hyper connection per busy period; between requests
-    /// only the socket is held (see [`crate::keepalive`]).
-    async fn serve_h1<IO, S>(&self, mut io: IO, mut pre: Bytes, service: S, activity: &ConnActivity)
+    /// HTTP/1.1: requests cyan's own path takes are served here
+    /// ([`crate::h1server`]); for any other, one hyper connection per busy
+    /// period. Between requests only the socket is held (see
+    /// [`crate::keepalive`]).
+    async fn serve_h1<IO, S>(&self, mut io: IO, mut pre: Bytes, service: S, conn: &Arc<ConnCtx>)
     where
         IO: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
         S: HttpService<Incoming, ResBody = RespBody> + Clone + Unpin + Send + 'static,
@@ -783,6 +791,17 @@ impl Connection {
                     _ = self.stops.hard.cancelled() => return,
                 }
             }
+            if self.ctx.config.fast_http1 {
+                match self.fast_h1(&mut io, pre, conn).await {
+                    Fast::Again(rest) => {
+                        pre = rest;
+                        continue;
+                    }
+                    Fast::End => return,
+                    Fast::Hyper(bytes) => pre = bytes,
+                }
+            }
+            let activity = &*conn.activity;
             let watched = Watched::new(Rewind::new(io, pre), activity.probe.clone());
             let mut http = Box::new(
                 self.protocols
@@ -804,6 +823,93 @@ impl Connection {
                     pre = keepalive::leftover(parts.read_buf, rest);
                 }
             }
+        }
+    }
+
+    /// One request on cyan's own HTTP/1.1 path, if it is one the path takes
+    /// (see [`crate::h1server`]): reads what the client sent (once, unless
+    /// a whole head is already here), then parses, handles and answers it.
+    async fn fast_h1<IO>(&self, io: &mut IO, pre: Bytes, conn: &Arc<ConnCtx>) -> Fast
+    where
+        IO: AsyncRead + AsyncWrite + WaitReadable + Unpin,
+    {
+        let mut buf = BytesMut::with_capacity(h1server::READ_BYTES.max(pre.len()));
+        buf.extend_from_slice(&pre);
+        drop(pre);
+        if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let read = tokio::select! {
+                biased;
+                r = tokio::time::timeout(self.ctx.config.header_timeout, io.read_buf(&mut buf)) => r,
+                _ = self.stops.hard.cancelled() => return Fast::End,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return Fast::End,
+                Ok(Ok(_)) => {}
+                Err(_) => return Fast::Hyper(buf.freeze()),
+            }
+        }
+        let parsed = match h1server::parse(buf) {
+            Ok(p) => p,
+            Err(bytes) => return Fast::Hyper(bytes),
+        };
+        let activity = &conn.activity;
+        activity.request_started();
+        let head_request = parsed.parts.method == http::Method::HEAD;
+        let req = Request::from_parts(parsed.parts, proxy::ClientIn::Empty);
+        // While the answer is awaited the client is watched, as hyper does:
+        // one that leaves drops the request (counted 499, never an upstream
+        // failure). Bytes it sends meanwhile (a pipelined request) are kept.
+        let handling = proxy::handle(&self.table, conn, req);
+        tokio::pin!(handling);
+        let mut more = BytesMut::new();
+        let resp = loop {
+            tokio::select! {
+                biased;
+                r = &mut handling => break r,
+                _ = self.stops.hard.cancelled() => return Fast::End,
+                r = io.wait_readable(), if more.len() < h1server::READ_BYTES => {
+                    if r.is_err() {
+                        return Fast::End;
+                    }
+                    // Read into `more` directly: a stack buffer held across
+                    // this await would grow every request's future.
+                    more.reserve(2048);
+                    let read = std::future::poll_fn(|cx| {
+                        Poll::Ready(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut more))
+                    })
+                    .await;
+                    match read {
+                        Poll::Ready(Ok(0)) => return Fast::End,
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Err(_)) => return Fast::End,
+                        Poll::Pending => {}
+                    }
+                }
+            }
+        };
+        let close = self.stops.graceful.is_cancelled();
+        let writing =
+            h1server::write_response(io, resp, head_request, close, self.ctx.config.send_timeout);
+        let written = tokio::select! {
+            w = writing => w,
+            _ = self.stops.hard.cancelled() => return Fast::End,
+        };
+        let rest = if more.is_empty() {
+            parsed.rest
+        } else {
+            let mut all = BytesMut::with_capacity(parsed.rest.len() + more.len());
+            all.extend_from_slice(&parsed.rest);
+            all.extend_from_slice(&more);
+            all.freeze()
+        };
+        match written {
+            Written::KeepAlive => Fast::Again(rest),
+            Written::Stalled => {
+                tracing::debug!("client stopped reading (send_timeout): resetting");
+                activity.reset_on_close.store(true, Ordering::Relaxed);
+                Fast::End
+            }
+            Written::Close | Written::Broken => Fast::End,
         }
     }
 
@@ -907,6 +1013,16 @@ impl Connection {
             }
         }
     }
+}
+
+/// How a request on cyan's own HTTP/1.1 path went.
+enum Fast {
+    /// Served; the connection goes on (with these bytes already read).
+    Again(Bytes),
+    /// The connection is over.
+    End,
+    /// Not a request the path takes: hyper gets these bytes and the socket.
+    Hyper(Bytes),
 }
 
 /// How a hyper connection handed back control.

@@ -797,6 +797,15 @@ impl Table {
         generation
     }
 
+    /// Waits until a change being committed right now has been written by
+    /// the sink (audit line and `state.json`). The table is stored before
+    /// it is persisted, so that a rollback moves traffic without waiting
+    /// for a disk; a shutdown calls this so that no change the data plane
+    /// already saw is missing from the state a restart reads.
+    pub fn settle(&self) {
+        drop(self.writer.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
     /// The live snapshot; hold it for the whole request.
     #[inline]
     pub fn load(&self) -> Arc<RoutingTable> {

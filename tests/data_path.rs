@@ -924,3 +924,105 @@ async fn raw_client_relays_chunked_head_and_close_framed_answers() {
     );
     server.shutdown().await;
 }
+
+/// Reads `n` answers (each framed by Content-Length) from a raw connection:
+/// status, the `x-request-id` header and the body of each.
+async fn read_answers(s: &mut tokio::net::TcpStream, n: usize) -> Vec<(u16, bool, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while out.len() < n {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut r = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(len)) = r.parse(&buf) {
+            let cl: usize = r
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+                .expect("content-length");
+            let has_id = r
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("x-request-id"));
+            if buf.len() >= len + cl {
+                let body = String::from_utf8_lossy(&buf[len..len + cl]).to_string();
+                out.push((r.code.unwrap(), has_id, body));
+                buf.drain(..len + cl);
+                continue;
+            }
+        }
+        let got = tokio::time::timeout(Duration::from_secs(5), s.read(&mut tmp))
+            .await
+            .expect("answers within 5 s")
+            .unwrap();
+        assert!(got > 0, "connection closed after {} answers", out.len());
+        buf.extend_from_slice(&tmp[..got]);
+    }
+    out
+}
+
+/// cyan's own HTTP/1.1 path and hyper's share one connection: two GETs
+/// pipelined in one write are answered in order, a POST after them goes
+/// through hyper, and the GET after that comes back to cyan's path. The
+/// same exchange with `[[listener]] fast_http1 = false` gets the same
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_and_mixed_requests_share_a_connection() {
+    use tokio::io::AsyncWriteExt;
+    for fast in [true, false] {
+        let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+        let text = service_config(0.0, "").replace(
+            "trusted_proxies = [\"10.0.0.0/8\"]",
+            &format!("trusted_proxies = [\"10.0.0.0/8\"]\nfast_http1 = {fast}"),
+        );
+        let cfg = config(&text, &[&b], &[&g]);
+        assert_eq!(cfg.listeners[0].fast_http1, fast);
+        let (server, proxy) = start_proxy(&cfg).await;
+        let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        s.write_all(b"GET /status/201 HTTP/1.1\r\nhost: x\r\n\r\nGET /status/202 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let first = read_answers(&mut s, 2).await;
+        s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
+            .await
+            .unwrap();
+        let post = read_answers(&mut s, 1).await;
+        s.write_all(b"HEAD /status/200 HTTP/1.1\r\nhost: x\r\n\r\nGET /status/203 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // The HEAD answer has no body whatever its Content-Length says: read
+        // its head alone, then the GET's answer.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            use tokio::io::AsyncReadExt;
+            assert_eq!(s.read(&mut byte).await.unwrap(), 1);
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(
+            head.contains("content-length: 12"),
+            "HEAD keeps its length: {head}"
+        );
+        let last = read_answers(&mut s, 1).await;
+        assert_eq!(
+            (first[0].0, first[1].0, last[0].0),
+            (201, 202, 203),
+            "fast_http1 = {fast}"
+        );
+        assert!(
+            first.iter().chain(&last).all(|a| a.1),
+            "every answer carries X-Request-Id"
+        );
+        assert_eq!(post[0].0, 200, "{:?}", post[0]);
+        assert!(
+            post[0].2.ends_with(" 5"),
+            "the POST body went up whole: {:?}",
+            post[0]
+        );
+        server.shutdown().await;
+    }
+}

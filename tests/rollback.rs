@@ -541,7 +541,8 @@ async fn a_candidate_going_down_restarts_the_step_hold() {
     assert!(
         hold["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("ago; the hold counts from then")),
+            .is_some_and(|r| r.contains("ago; the hold counts from then")
+                || r.contains("analysis bad (candidate_unhealthy")),
         "the hold note says why: {hold}"
     );
     let promoted = events
