@@ -46,7 +46,7 @@ use crate::body::RespBody;
 const MAX_HEADERS: usize = 100;
 
 /// The first read of a request; a head that does not fit goes to hyper.
-pub const READ_BYTES: usize = 4096;
+pub const READ_BYTES: usize = 1024;
 
 /// Output is written once this much is waiting.
 const WRITE_CHUNK: usize = 16 * 1024;
