@@ -18,7 +18,8 @@
 //! * HTTP/1.1, GET or HEAD, an origin-form target that parses as a URI;
 //! * no body: no `Content-Length` (other than `0`), no `Transfer-Encoding`;
 //! * no `Upgrade`, no `Expect`, and `Connection` at most `keep-alive`;
-//! * the whole head in the first read (4 KiB), at most 100 headers.
+//! * the whole head in the first read (1 KiB: a buffer glibc hands out from
+//!   its per-thread cache), at most 100 headers.
 //!
 //! Everything cyan checks about a request ([`crate::headers::check_request`])
 //! is checked the same way on both paths, since both end in the same

@@ -43,7 +43,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::{service_fn, HttpService};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -827,8 +827,9 @@ impl Connection {
     }
 
     /// One request on cyan's own HTTP/1.1 path, if it is one the path takes
-    /// (see [`crate::h1server`]): reads what the client sent (once, unless
-    /// a whole head is already here), then parses, handles and answers it.
+    /// (see [`crate::h1server`]): reads what the client sent (once, without
+    /// waiting, unless a whole head is already here), then parses, handles
+    /// and answers it.
     async fn fast_h1<IO>(&self, io: &mut IO, pre: Bytes, conn: &Arc<ConnCtx>) -> Fast
     where
         IO: AsyncRead + AsyncWrite + WaitReadable + Unpin,
@@ -837,15 +838,21 @@ impl Connection {
         buf.extend_from_slice(&pre);
         drop(pre);
         if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            let read = tokio::select! {
-                biased;
-                r = tokio::time::timeout(self.ctx.config.header_timeout, io.read_buf(&mut buf)) => r,
-                _ = self.stops.hard.cancelled() => return Fast::End,
-            };
+            // One read of what is already here, never a wait: a head still
+            // coming goes to hyper, whose header timer then runs from now
+            // (`header_timeout` holds as it always did).
+            let read = std::future::poll_fn(|cx| {
+                Poll::Ready(tokio_util::io::poll_read_buf(
+                    Pin::new(&mut *io),
+                    cx,
+                    &mut buf,
+                ))
+            })
+            .await;
             match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return Fast::End,
-                Ok(Ok(_)) => {}
-                Err(_) => return Fast::Hyper(buf.freeze()),
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Fast::End,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => return Fast::Hyper(buf.freeze()),
             }
         }
         let parsed = match h1server::parse(buf) {
