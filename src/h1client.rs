@@ -146,6 +146,14 @@ impl RawConn {
         }
     }
 
+    /// Lets go of the read buffer's memory while the connection sits in
+    /// the pool (it holds up to `read_buffer_bytes`).
+    pub fn release_buffer(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// Writes a request head.
     pub async fn write(&mut self, head: &[u8]) -> io::Result<()> {
         self.io.write_all(head).await

@@ -792,7 +792,11 @@ impl Connection {
                 }
             }
             if self.ctx.config.fast_http1 {
-                match self.fast_h1(&mut io, pre, conn).await {
+                // Boxed: inline, the request's future (the handler's, ~5
+                // KiB) would be part of the connection task for its whole
+                // life, idle keep-alive included: 10.35 KiB per idle
+                // connection measured, against 4.25 with it boxed.
+                match Box::pin(self.fast_h1(&mut io, pre, conn)).await {
                     Fast::Again(rest) => {
                         pre = rest;
                         continue;
@@ -901,8 +905,14 @@ impl Connection {
             w = writing => w,
             _ = self.stops.hard.cancelled() => return Fast::End,
         };
+        // Never a slice of the request's buffer: kept through an idle wait
+        // it would hold the whole buffer.
         let rest = if more.is_empty() {
-            parsed.rest
+            if parsed.rest.is_empty() {
+                Bytes::new()
+            } else {
+                Bytes::copy_from_slice(&parsed.rest)
+            }
         } else {
             let mut all = BytesMut::with_capacity(parsed.rest.len() + more.len());
             all.extend_from_slice(&parsed.rest);

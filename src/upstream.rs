@@ -300,7 +300,8 @@ impl Upstream {
     pub fn check_in(&self, pooled: Pooled) {
         let conn = match pooled {
             Pooled::H1(conn) => conn,
-            Pooled::Raw(conn) => {
+            Pooled::Raw(mut conn) => {
+                conn.release_buffer();
                 let _ = self.raw_idle.push(RawIdle {
                     conn,
                     since: Instant::now(),
