@@ -547,6 +547,47 @@ impl RespBody {
         }
     }
 
+    /// Accounts for a frame polled from an upstream body: bytes for the
+    /// access log, a failure, and the end (known from `end` as soon as the
+    /// last data frame is out: hyper stops polling an exact-length body
+    /// then, and the connection would otherwise never go back to the pool).
+    /// `conn` is the socket of cyan's own client, returned with the guard.
+    fn relayed(
+        &mut self,
+        polled: Poll<Option<Result<Frame<Bytes>, BoxError>>>,
+        end: bool,
+        conn: Option<crate::h1client::RawConn>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let (Some(conn), Some(u)) = (conn, self.guard.as_mut().and_then(|g| g.upstream.as_mut()))
+        {
+            u.pooled = Some(Pooled::Raw(conn));
+        }
+        match &polled {
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(g) = self.guard.as_mut() {
+                    g.body_failed();
+                }
+            }
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(d), Some(a)) = (
+                    f.data_ref(),
+                    self.guard.as_mut().and_then(|g| g.access.as_deref_mut()),
+                ) {
+                    a.bytes_out += d.len() as u64;
+                }
+                self.flush_first = self.guard.as_ref().is_some_and(|g| g.conn.holds_bodies());
+                if end {
+                    if let Some(g) = self.guard.as_mut() {
+                        g.body_complete();
+                    }
+                    self.guard = None;
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
     fn complete(&mut self) {
         if let Some(g) = self.guard.as_mut() {
             g.body_complete();
@@ -601,74 +642,24 @@ impl Body for RespBody {
                 cx.waker().wake_by_ref();
                 Poll::Pending
             }
-            RespInner::Raw(b) => match Pin::new(&mut *b).poll_frame(cx) {
-                Poll::Ready(Some(Err(e))) => {
-                    if let Some(g) = this.guard.as_mut() {
-                        g.body_failed();
-                    }
-                    Poll::Ready(Some(Err(e.into())))
-                }
-                Poll::Ready(Some(Ok(f))) => {
-                    if let (Some(d), Some(a)) = (
-                        f.data_ref(),
-                        this.guard.as_mut().and_then(|g| g.access.as_deref_mut()),
-                    ) {
-                        a.bytes_out += d.len() as u64;
-                    }
-                    this.flush_first = this.guard.as_ref().is_some_and(|g| g.conn.holds_bodies());
-                    // As below: complete as soon as the end is known, and
-                    // the socket goes back to the pool.
-                    if b.is_end_stream() {
-                        if let Some(g) = this.guard.as_mut() {
-                            if let (Some(conn), Some(u)) = (b.take_conn(), g.upstream.as_mut()) {
-                                u.pooled = Some(Pooled::Raw(conn));
-                            }
-                            g.body_complete();
-                        }
-                        this.guard = None;
-                    }
-                    Poll::Ready(Some(Ok(f)))
-                }
-                Poll::Ready(None) => {
-                    if let (Some(conn), Some(u)) = (
-                        b.take_conn(),
-                        this.guard.as_mut().and_then(|g| g.upstream.as_mut()),
-                    ) {
-                        u.pooled = Some(Pooled::Raw(conn));
-                    }
-                    Poll::Ready(None)
-                }
-                Poll::Pending => Poll::Pending,
-            },
-            RespInner::Upstream(b) => match Pin::new(&mut *b).poll_frame(cx) {
-                Poll::Ready(Some(Err(e))) => {
-                    if let Some(g) = this.guard.as_mut() {
-                        g.body_failed();
-                    }
-                    Poll::Ready(Some(Err(e.into())))
-                }
-                Poll::Ready(Some(Ok(f))) => {
-                    if let (Some(d), Some(a)) = (
-                        f.data_ref(),
-                        this.guard.as_mut().and_then(|g| g.access.as_deref_mut()),
-                    ) {
-                        a.bytes_out += d.len() as u64;
-                    }
-                    this.flush_first = this.guard.as_ref().is_some_and(|g| g.conn.holds_bodies());
-                    // hyper stops polling once `is_end_stream` is true (an
-                    // exact Content-Length is fully sent): complete now, or
-                    // the connection would never go back to the pool.
-                    if b.is_end_stream() {
-                        if let Some(g) = this.guard.as_mut() {
-                            g.body_complete();
-                        }
-                        this.guard = None;
-                    }
-                    Poll::Ready(Some(Ok(f)))
-                }
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
+            RespInner::Upstream(b) => {
+                let polled = Pin::new(&mut *b)
+                    .poll_frame(cx)
+                    .map(|f| f.map(|r| r.map_err(BoxError::from)));
+                let end = b.is_end_stream();
+                this.relayed(polled, end, None)
+            }
+            RespInner::Raw(b) => {
+                let polled = Pin::new(&mut *b)
+                    .poll_frame(cx)
+                    .map(|f| f.map(|r| r.map_err(BoxError::from)));
+                let end = b.is_end_stream();
+                // At its end the socket goes back to the pool with the guard.
+                let conn = (end || matches!(polled, Poll::Ready(None)))
+                    .then(|| b.take_conn())
+                    .flatten();
+                this.relayed(polled, end, conn)
+            }
         };
         if let Poll::Ready(None) = polled {
             this.complete();
