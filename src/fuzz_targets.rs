@@ -199,3 +199,33 @@ pub fn headers(data: &[u8]) {
     let id = crate::headers::ensure_request_id(&mut stripped);
     assert!(!id.is_empty());
 }
+
+/// cyan's own HTTP/1.1 request-head parser ([`crate::h1server::parse`]): a
+/// head is taken only when it is a plain bodiless GET or HEAD, and the
+/// bytes of anything else come back untouched (hyper then reads them).
+pub fn h1_request_head(data: &[u8]) {
+    match crate::h1server::parse(bytes::BytesMut::from(data)) {
+        Err(back) => assert_eq!(&back[..], data, "bytes given back changed"),
+        Ok(p) => {
+            assert!(p.parts.method == Method::GET || p.parts.method == Method::HEAD);
+            assert!(data.ends_with(&p.rest), "the rest is not the input's tail");
+            assert!(p.rest.len() < data.len());
+            for refused in ["transfer-encoding", "upgrade", "expect"] {
+                assert!(!p.parts.headers.contains_key(refused), "{refused} taken");
+            }
+            for cl in p.parts.headers.get_all("content-length") {
+                assert_eq!(cl, "0", "a body-bearing request taken");
+            }
+            assert!(p.parts.uri.path().starts_with('/'));
+        }
+    }
+}
+
+/// cyan's own HTTP/1.1 response-head parser ([`crate::h1client`]): no
+/// panic, a head never longer than its input, and a framing that agrees
+/// with the head (see [`crate::h1client::parse_response_head`]).
+pub fn h1_response_head(data: &[u8]) {
+    for head_request in [false, true] {
+        crate::h1client::parse_response_head(data, head_request);
+    }
+}

@@ -297,6 +297,36 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     Ok(Some(Parsed::Final(parts, framing, reuse)))
 }
 
+/// Parses the response heads at the front of `data` as the client does
+/// (interim answers skipped) and checks what it decided, panicking on a
+/// broken invariant: for the fuzzer ([`crate::fuzz_targets`]).
+pub fn parse_response_head(data: &[u8], head_request: bool) {
+    let mut buf = BytesMut::from(data);
+    loop {
+        let before = buf.len();
+        match parse_head(&mut buf, head_request) {
+            Err(_) | Ok(None) => return,
+            Ok(Some(Parsed::Interim)) => {
+                assert!(buf.len() < before, "an interim head consumed nothing")
+            }
+            Ok(Some(Parsed::Final(parts, framing, reuse))) => {
+                assert!(buf.len() < before, "a head consumed nothing");
+                let te = parts.headers.contains_key(header::TRANSFER_ENCODING);
+                match framing {
+                    Framing::Empty => {}
+                    Framing::Chunked => assert!(te && !head_request),
+                    Framing::Length(n) => {
+                        assert!(n > 0 && !te && !head_request);
+                        assert_eq!(content_length(&parts.headers).ok(), Some(n));
+                    }
+                    Framing::Close => assert!(!reuse, "a close-framed body on a reused connection"),
+                }
+                return;
+            }
+        }
+    }
+}
+
 /// Whether a `Connection` header lists `token`.
 fn has_token(map: &HeaderMap, token: &str) -> bool {
     map.get_all(header::CONNECTION).iter().any(|v| {

@@ -37,3 +37,13 @@ fn table_apply_seeds() {
 fn headers_seeds() {
     replay("headers", cyan::fuzz_targets::headers);
 }
+
+#[test]
+fn h1_request_head_seeds() {
+    replay("h1_request_head", cyan::fuzz_targets::h1_request_head);
+}
+
+#[test]
+fn h1_response_head_seeds() {
+    replay("h1_response_head", cyan::fuzz_targets::h1_response_head);
+}
