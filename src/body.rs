@@ -412,6 +412,14 @@ impl RequestGuard {
         }
     }
 
+    /// The socket of cyan's own client, whose answer ended: it goes back
+    /// to the pool when the request is accounted for.
+    fn pool_raw(&mut self, conn: Option<crate::h1client::RawConn>) {
+        if let (Some(conn), Some(u)) = (conn, self.upstream.as_mut()) {
+            u.pooled = Some(Pooled::Raw(conn));
+        }
+    }
+
     fn body_complete(&mut self) {
         if let Some(u) = self.upstream.as_mut() {
             u.complete = true;
@@ -523,9 +531,7 @@ impl RespBody {
             UpBody::Hyper(b) => RespInner::Upstream(b),
             UpBody::Raw(mut b) => {
                 if b.is_end_stream() {
-                    if let (Some(conn), Some(u)) = (b.take_conn(), guard.upstream.as_mut()) {
-                        u.pooled = Some(Pooled::Raw(conn));
-                    }
+                    guard.pool_raw(b.take_conn());
                 }
                 RespInner::Raw(b)
             }
@@ -558,9 +564,8 @@ impl RespBody {
         end: bool,
         conn: Option<crate::h1client::RawConn>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let (Some(conn), Some(u)) = (conn, self.guard.as_mut().and_then(|g| g.upstream.as_mut()))
-        {
-            u.pooled = Some(Pooled::Raw(conn));
+        if let Some(g) = self.guard.as_mut() {
+            g.pool_raw(conn);
         }
         match &polled {
             Poll::Ready(Some(Err(_))) => {

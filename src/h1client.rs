@@ -265,8 +265,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         map.append(name, value);
     }
     let mut reuse = match version {
-        Version::HTTP_10 => has_token(&map, "keep-alive"),
-        _ => !has_token(&map, "close"),
+        Version::HTTP_10 => crate::headers::connection_has_token(&map, b"keep-alive"),
+        _ => !crate::headers::connection_has_token(&map, b"close"),
     };
     let framing = if head_request
         || status == StatusCode::NO_CONTENT
@@ -325,15 +325,6 @@ pub fn parse_response_head(data: &[u8], head_request: bool) {
             }
         }
     }
-}
-
-/// Whether a `Connection` header lists `token`.
-fn has_token(map: &HeaderMap, token: &str) -> bool {
-    map.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
 }
 
 fn last_coding_is_chunked(map: &HeaderMap) -> bool {

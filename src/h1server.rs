@@ -28,7 +28,6 @@
 //! 204 and 304 answers carry no body; a body that fails mid-way closes the
 //! connection (the client sees the answer cut short, as with hyper).
 
-use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::Poll;
@@ -350,14 +349,6 @@ fn date(f: impl FnOnce(&[u8])) {
         }
         f(d.1.as_bytes());
     });
-}
-
-/// Whether an I/O error only means the client went away.
-pub fn client_gone(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
-    )
 }
 
 #[cfg(test)]

@@ -163,7 +163,8 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     })
 }
 
-fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
+/// Whether a `Connection` header lists `token` (case-insensitive).
+pub(crate) fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
     headers.get_all(header::CONNECTION).iter().any(|v| {
         v.as_bytes()
             .split(|&b| b == b',')

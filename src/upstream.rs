@@ -398,16 +398,28 @@ impl Upstream {
     }
 
     /// Opens a new connection (TCP, optional TLS, HTTP handshake).
+    /// A TCP connection to the endpoint (no delay), by `deadline`.
+    async fn connect_tcp(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<TcpStream, UpstreamError> {
+        let addr = self.addr;
+        let after = self.settings.connect_timeout;
+        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Err(_) => Err(UpstreamError::ConnectTimeout { addr, after }),
+            Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+        }
+    }
+
     async fn connect(&self) -> Result<Sender, UpstreamError> {
         let addr = self.addr;
         let limit = self.settings.connect_timeout;
         let deadline = tokio::time::Instant::now() + limit;
-        let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
-            Err(_) => return Err(UpstreamError::ConnectTimeout { addr, after: limit }),
-            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
-            Ok(Ok(s)) => s,
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp = self.connect_tcp(deadline).await?;
         let abandoned = Arc::new(AtomicBool::new(false));
         let tcp = UpstreamTcp {
             io: tcp,
@@ -581,16 +593,8 @@ impl Upstream {
     }
 
     async fn connect_raw(&self) -> Result<RawConn, UpstreamError> {
-        let addr = self.addr;
-        let limit = self.settings.connect_timeout;
-        match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
-            Err(_) => Err(UpstreamError::ConnectTimeout { addr, after: limit }),
-            Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(RawConn::new(s))
-            }
-        }
+        let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
+        self.connect_tcp(deadline).await.map(RawConn::new)
     }
 
     fn drop_h2_if_closed(&self) {
