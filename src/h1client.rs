@@ -215,11 +215,16 @@ enum Parsed {
 /// Parses a complete head at the front of `buf` and consumes it; `None`
 /// when more bytes are needed.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, RawError> {
-    // Uninitialized: zeroing 100 headers cost more than parsing a head.
-    let len = {
+    // One parse, while the buffer is borrowed: each header is noted as the
+    // offsets of its name and value, and becomes a name and a slice of the
+    // frozen head below (a second parse of the frozen head to reach the
+    // values cost ~1.3k instructions per response). The parser's array is
+    // left uninitialized: zeroing 100 headers cost more than parsing a head.
+    let mut spans = [[0u32; 4]; MAX_HEADERS];
+    let (len, count, status, version) = {
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
-        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
             &mut resp,
             buf,
             &mut headers,
@@ -230,25 +235,31 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
                 return Err(RawError::Invalid("too many headers"))
             }
             Err(_) => return Err(RawError::Invalid("malformed response head")),
+        };
+        let base = buf.as_ptr() as usize;
+        for (h, span) in resp.headers.iter().zip(spans.iter_mut()) {
+            // httparse hands out slices of `buf`: the offsets are exact, and
+            // fit u32 (a head is at most `read_buffer_bytes`, ≤ 16 MiB).
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            *span = [
+                name as u32,
+                (name + h.name.len()) as u32,
+                value as u32,
+                (value + h.value.len()) as u32,
+            ];
         }
+        (
+            len,
+            resp.headers.len(),
+            resp.code.unwrap_or(0),
+            resp.version,
+        )
     };
     // The head, frozen: header values become slices of it, not copies.
     let head = buf.split_to(len).freeze();
-    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut []);
-    if !matches!(
-        httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut resp,
-            &head,
-            &mut headers,
-        ),
-        Ok(httparse::Status::Complete(_))
-    ) {
-        return Err(RawError::Invalid("malformed response head"));
-    }
-    let code = resp.code.unwrap_or(0);
-    let status = StatusCode::from_u16(code).map_err(|_| RawError::Invalid("invalid status"))?;
-    let version = if resp.version == Some(0) {
+    let status = StatusCode::from_u16(status).map_err(|_| RawError::Invalid("invalid status"))?;
+    let version = if version == Some(0) {
         Version::HTTP_10
     } else {
         Version::HTTP_11
@@ -256,17 +267,44 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(Some(Parsed::Interim));
     }
-    let mut map = HeaderMap::with_capacity(resp.headers.len());
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
+    // Room for what the proxy adds (X-Request-Id, a color header) without
+    // growing the table.
+    let mut map = HeaderMap::with_capacity(count + 2);
+    // Which of the names framing depends on are here, noted on the way (a
+    // standard name compares as a small integer): no lookup for the absent.
+    let (mut connection, mut te, mut cl) = (false, false, false);
+    // A bare `Connection: keep-alive` / `close` line, seen and left out.
+    let (mut keep_alive, mut close) = (false, false);
+    for &[n0, n1, v0, v1] in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize])
             .map_err(|_| RawError::Invalid("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+        let value = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize))
             .map_err(|_| RawError::Invalid("invalid header value"))?;
+        te |= name == header::TRANSFER_ENCODING;
+        cl |= name == header::CONTENT_LENGTH;
+        if name == header::CONNECTION {
+            connection = true;
+            // `keep-alive` or `close` alone names no other header: the
+            // hop-by-hop strip would take this line out and nothing else,
+            // so it is never put in (nearly every HTTP/1.1 answer carries
+            // one; removing it again cost ~0.5k instructions). What it
+            // says is read for reuse below, from the head.
+            let v = value.as_bytes().trim_ascii();
+            if v.eq_ignore_ascii_case(b"keep-alive") {
+                keep_alive = true;
+                continue;
+            }
+            if v.eq_ignore_ascii_case(b"close") {
+                close = true;
+                continue;
+            }
+        }
         map.append(name, value);
     }
+    let has = |token: &[u8]| connection && crate::headers::connection_has_token(&map, token);
     let mut reuse = match version {
-        Version::HTTP_10 => crate::headers::connection_has_token(&map, b"keep-alive"),
-        _ => !crate::headers::connection_has_token(&map, b"close"),
+        Version::HTTP_10 => keep_alive || has(b"keep-alive"),
+        _ => !(close || has(b"close")),
     };
     let framing = if head_request
         || status == StatusCode::NO_CONTENT
@@ -274,14 +312,14 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         || status == StatusCode::SWITCHING_PROTOCOLS
     {
         Framing::Empty
-    } else if map.contains_key(header::TRANSFER_ENCODING) {
+    } else if te {
         if last_coding_is_chunked(&map) {
             Framing::Chunked
         } else {
             reuse = false;
             Framing::Close
         }
-    } else if map.contains_key(header::CONTENT_LENGTH) {
+    } else if cl {
         match content_length(&map)? {
             0 => Framing::Empty,
             n => Framing::Length(n),
@@ -737,6 +775,58 @@ mod tests {
         .await
         .unwrap();
         assert_eq!((&r.1[..], r.3), (&b"ok"[..], false));
+    }
+
+    /// Status, reuse and the header names kept, for one parsed head.
+    fn parsed(head: &[u8]) -> (u16, bool, Vec<String>) {
+        let mut buf = BytesMut::from(head);
+        match parse_head(&mut buf, false) {
+            Ok(Some(Parsed::Final(parts, _, reuse))) => (
+                parts.status.as_u16(),
+                reuse,
+                parts.headers.keys().map(|k| k.to_string()).collect(),
+            ),
+            other => panic!("not a final head: {:?}", other.map(|p| p.is_some())),
+        }
+    }
+
+    #[test]
+    fn a_bare_connection_line_is_read_and_left_out() {
+        // keep-alive / close alone: read for reuse, never put in the map.
+        let (_, reuse, names) =
+            parsed(b"HTTP/1.1 200 OK\r\nConnection:  Keep-Alive \r\ncontent-length: 0\r\n\r\n");
+        assert!(reuse);
+        assert_eq!(names, ["content-length"]);
+        let (_, reuse, names) =
+            parsed(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+        assert!(!reuse);
+        assert_eq!(names, ["content-length"]);
+        // HTTP/1.0: reused only when it asks for keep-alive.
+        let (_, reuse, _) =
+            parsed(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n");
+        assert!(reuse);
+        // Two lines: close in either wins on HTTP/1.1.
+        let (_, reuse, _) = parsed(
+            b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        );
+        assert!(!reuse);
+        // A line naming other headers stays for the hop-by-hop strip, which
+        // needs it to find them.
+        let (_, reuse, names) = parsed(
+            b"HTTP/1.1 200 OK\r\nconnection: close, x-hop\r\nx-hop: 1\r\ncontent-length: 0\r\n\r\n",
+        );
+        assert!(!reuse);
+        assert_eq!(names, ["connection", "x-hop", "content-length"]);
+        // Values are the head's own bytes, in order, duplicates kept.
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nset-cookie: a=1\r\nx: y\r\nset-cookie: b=2\r\ncontent-length: 3\r\n\r\nabc"[..]);
+        let Ok(Some(Parsed::Final(parts, framing, _))) = parse_head(&mut buf, false) else {
+            panic!("not parsed");
+        };
+        let cookies: Vec<_> = parts.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(parts.headers["x"], "y");
+        assert_eq!(framing, Framing::Length(3));
+        assert_eq!(&buf[..], b"abc");
     }
 
     #[tokio::test]

@@ -93,7 +93,9 @@ fn build(bytes: &Bytes) -> Option<(http::request::Parts, usize)> {
     };
     let path = req.path.filter(|p| p.starts_with('/'))?;
     let uri = Uri::from_maybe_shared(bytes.slice_ref(path.as_bytes())).ok()?;
-    let mut map = HeaderMap::with_capacity(req.headers.len());
+    // Room for what the proxy adds (X-Forwarded-For, -Proto, -Host,
+    // X-Request-Id) without growing the table: a grow rehashes it.
+    let mut map = HeaderMap::with_capacity(req.headers.len() + 4);
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let refused = if name.eq_ignore_ascii_case(b"content-length") {

@@ -787,8 +787,11 @@ impl Connection {
                     biased;
                     r = io.wait_readable() => if r.is_err() { return },
                     _ = tokio::time::sleep(self.ctx.config.idle_timeout) => return,
+                    // The hard stop is never waited for here: it comes only
+                    // after the graceful one (`Server::shutdown`), which
+                    // already ends an idle connection. One waiter less to
+                    // register and remove per request.
                     _ = self.stops.graceful.cancelled() => return,
-                    _ = self.stops.hard.cancelled() => return,
                 }
             }
             if self.ctx.config.fast_http1 {
