@@ -101,6 +101,9 @@ pub fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
 pub struct RawConn {
     io: TcpStream,
     buf: BytesMut,
+    /// The response timer, kept with the connection and pushed back for
+    /// each exchange ([`RawConn::take_timer`]).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// How a response body is delimited.
@@ -119,7 +122,28 @@ impl RawConn {
         RawConn {
             io,
             buf: BytesMut::new(),
+            timer: None,
         }
+    }
+
+    /// The connection's timer, due `after` from now; give it back with
+    /// [`RawConn::keep_timer`]. One timer per connection, pushed back each
+    /// exchange: a later deadline only moves a number (tokio extends a
+    /// registered timer in place), where a timer per exchange was put in
+    /// and taken out of the timer wheel every request.
+    pub fn take_timer(&mut self, after: Duration) -> Pin<Box<tokio::time::Sleep>> {
+        let at = tokio::time::Instant::now() + after;
+        match self.timer.take() {
+            Some(mut t) => {
+                t.as_mut().reset(at);
+                t
+            }
+            None => Box::pin(tokio::time::sleep_until(at)),
+        }
+    }
+
+    pub fn keep_timer(&mut self, timer: Pin<Box<tokio::time::Sleep>>) {
+        self.timer = Some(timer);
     }
 
     /// Closes the socket with a reset (an abandoned exchange): nothing more
@@ -775,6 +799,32 @@ mod tests {
         .await
         .unwrap();
         assert_eq!((&r.1[..], r.3), (&b"ok"[..], false));
+    }
+
+    #[tokio::test]
+    async fn a_kept_timer_is_pushed_back_for_each_exchange() {
+        let mut c = conn_answering(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false).await;
+        let t = c.take_timer(Duration::from_millis(60));
+        c.keep_timer(t);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        // Pushed back: it must not fire at its first deadline (20 ms on).
+        let start = std::time::Instant::now();
+        let mut t = c.take_timer(Duration::from_millis(250));
+        (&mut t).await;
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(240),
+            "fired after {waited:?}"
+        );
+        // A timer that fired is armed again by the next exchange.
+        c.keep_timer(t);
+        let start = std::time::Instant::now();
+        c.take_timer(Duration::from_millis(50)).await;
+        let waited = start.elapsed();
+        assert!(
+            (Duration::from_millis(45)..Duration::from_millis(1000)).contains(&waited),
+            "re-armed timer fired after {waited:?}"
+        );
     }
 
     /// Status, reuse and the header names kept, for one parsed head.

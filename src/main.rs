@@ -13,6 +13,15 @@ use cyan::config::Config;
 use cyan::control::Controller;
 use cyan::ctl::{Options, Target, Verb};
 
+/// mimalloc, not glibc's malloc. A proxied request makes about a dozen
+/// short-lived allocations (header maps, buffers, the boxed request
+/// future); glibc's malloc and free were ~4k instructions of each request
+/// (callgrind), and its heap-top trimming could give back and take again
+/// 132 KiB around one request's box, a `brk` pair every 8 requests
+/// (`strace -c`, 3,741 `brk` in 20,000 requests).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// cyan — blue/green traffic-switching reverse proxy for API-gateway upgrades.
 #[derive(Debug, Parser)]
 #[command(name = "cyan", version, about, long_about = None)]

@@ -779,14 +779,22 @@ impl Connection {
         S::Future: Send + 'static,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        // One idle timer for the connection's life, pushed back before each
+        // wait: a later deadline only moves a number (tokio extends a
+        // registered timer in place), where a timer per wait was put in and
+        // taken out of the timer wheel every request.
+        let idle = tokio::time::sleep(self.ctx.config.idle_timeout);
+        tokio::pin!(idle);
         loop {
             if pre.is_empty() {
+                idle.as_mut()
+                    .reset(tokio::time::Instant::now() + self.ctx.config.idle_timeout);
                 tokio::select! {
                     // Biased: bytes already here are a request to serve
                     // (with `Connection: close` in a drain), not to reset.
                     biased;
                     r = io.wait_readable() => if r.is_err() { return },
-                    _ = tokio::time::sleep(self.ctx.config.idle_timeout) => return,
+                    _ = &mut idle => return,
                     // The hard stop is never waited for here: it comes only
                     // after the graceful one (`Server::shutdown`), which
                     // already ends an idle connection. One waiter less to

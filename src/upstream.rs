@@ -557,12 +557,22 @@ impl Upstream {
                 }
             },
         };
-        let exchange = async {
-            conn.write(&head).await?;
-            conn.read_head(limit, head_request).await
+        let mut timer = conn.take_timer(after);
+        let answer = {
+            let exchange = async {
+                conn.write(&head).await?;
+                conn.read_head(limit, head_request).await
+            };
+            tokio::select! {
+                // Biased, as `timeout` is: an answer that is here wins.
+                biased;
+                r = exchange => Ok(r),
+                _ = &mut timer => Err(()),
+            }
         };
-        match tokio::time::timeout(after, exchange).await {
-            Err(_) => Err(SendFailure {
+        conn.keep_timer(timer);
+        match answer {
+            Err(()) => Err(SendFailure {
                 error: UpstreamError::ResponseTimeout { addr, after },
                 request: None,
             }),

@@ -550,6 +550,31 @@ async fn idle_connections_close_at_idle_timeout() {
         out.elapsed
     );
 
+    // Requests 250 ms apart for over a second: each wait's timer starts
+    // anew (a timer left at its first deadline would cut the connection
+    // 400 ms in), and the close still comes 400 ms after the last.
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    for i in 0..5 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_one_response(&mut s, Duration::from_secs(3))
+            .await
+            .unwrap_or_else(|| panic!("request {i} 250 ms after the last: no response"));
+        assert_eq!(status_of(&resp), 200);
+    }
+    let out = exchange_on(&mut s, b"", Duration::from_secs(5)).await;
+    assert!(out.closed && out.text.is_empty(), "{}", out.text);
+    assert_near(
+        "idle (after spaced requests)",
+        out.elapsed,
+        Duration::from_millis(400),
+        Duration::from_millis(1200),
+    );
+
     // HTTP/2: the idle connection is ended (GOAWAY, then close).
     let tcp = TcpStream::connect(proxy).await.unwrap();
     let (mut tx, conn) = hyper::client::conn::http2::handshake(
