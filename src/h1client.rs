@@ -130,7 +130,9 @@ impl RawConn {
     /// [`RawConn::keep_timer`]. One timer per connection, pushed back each
     /// exchange: a later deadline only moves a number (tokio extends a
     /// registered timer in place), where a timer per exchange was put in
-    /// and taken out of the timer wheel every request.
+    /// and taken out of the timer wheel every request. The cost: a pooled
+    /// connection's timer stays armed while it idles and may fire once,
+    /// waking the task of its last request for nothing.
     pub fn take_timer(&mut self, after: Duration) -> Pin<Box<tokio::time::Sleep>> {
         let at = tokio::time::Instant::now() + after;
         match self.timer.take() {
