@@ -58,6 +58,7 @@
 //! | [`h1client`] | cyan's own HTTP/1.1 client for bodiless GET/HEAD: strict framing, no task per connection |
 //! | [`body`] | request/response body types: idle timeout, end-of-request accounting |
 //! | [`server`] | listeners, accept loop, limits, PROXY protocol, graceful drain |
+//! | [`conns`] | the open client connections: woken by the drain, aborted at its deadline |
 //! | [`keepalive`] | HTTP/1.1 between requests: hyper released, socket kept, bytes replayed |
 //! | [`tls`] | rustls server and client configs, SNI certificate selection |
 //! | [`metrics`] | metrics struct over its own registry |
@@ -70,6 +71,7 @@ pub mod admin;
 pub mod app;
 pub mod body;
 pub mod config;
+pub mod conns;
 pub mod control;
 pub mod ctl;
 pub mod demo;

@@ -54,6 +54,7 @@ use std::os::fd::AsFd;
 
 use crate::body::RespBody;
 use crate::config::{Config, ListenerConfig};
+use crate::conns::{ConnSet, Member};
 use crate::h1server::{self, Written};
 use crate::keepalive::{self, IdleProbe, Rewind, Sniffed, WaitReadable, Watched};
 use crate::metrics::Metrics;
@@ -429,6 +430,8 @@ impl Server {
             ));
             bound.push((ctx, listener, acceptor));
         }
+        let conns = Arc::new(ConnSet::default());
+        conns.follow(shutdown.clone(), hard_stop.clone());
         for (ctx, listener, acceptor) in bound {
             let protocols = Arc::new(protocols(&ctx.config));
             tracker.spawn(accept_loop(
@@ -441,6 +444,7 @@ impl Server {
                     graceful: shutdown.clone(),
                     hard: hard_stop.clone(),
                     tracker: tracker.clone(),
+                    conns: conns.clone(),
                 },
             ));
         }
@@ -548,6 +552,9 @@ pub struct Stops {
     pub hard: CancellationToken,
     /// Tracks connection and tunnel tasks so the drain can wait for them.
     pub tracker: TaskTracker,
+    /// The open client connections: woken when `graceful` is cancelled,
+    /// aborted when `hard` is, so no request waits on either token.
+    pub conns: Arc<ConnSet>,
 }
 
 async fn accept_loop(
@@ -589,15 +596,18 @@ async fn accept_loop(
             },
             _ = shutdown.cancelled() => break,
         };
-        let conn = Connection {
-            ctx: ctx.clone(),
-            table: table.clone(),
-            protocols: protocols.clone(),
-            stops: stops.clone(),
-        };
         let tls = tls.clone();
-        tracker.spawn(async move {
-            conn.run(stream, peer, tls, permit).await;
+        stops.conns.spawn(&tracker, |member| {
+            let conn = Connection {
+                ctx: ctx.clone(),
+                table: table.clone(),
+                protocols: protocols.clone(),
+                stops: stops.clone(),
+                member,
+            };
+            async move {
+                conn.run(stream, peer, tls, permit).await;
+            }
         });
     }
     tracing::debug!(listener = %ctx.config.name, "accept loop stopped");
@@ -608,6 +618,9 @@ struct Connection {
     table: Arc<Table>,
     protocols: Arc<Protocols>,
     stops: Stops,
+    /// Its place in [`Stops::conns`]: the drain wakes it, the deadline
+    /// aborts its task.
+    member: Member,
 }
 
 /// A client connection's place under `max_connections` and in
@@ -795,11 +808,10 @@ impl Connection {
                     biased;
                     r = io.wait_readable() => if r.is_err() { return },
                     _ = &mut idle => return,
-                    // The hard stop is never waited for here: it comes only
-                    // after the graceful one (`Server::shutdown`), which
-                    // already ends an idle connection. One waiter less to
-                    // register and remove per request.
-                    _ = self.stops.graceful.cancelled() => return,
+                    // The drain, through the connection's own waker (a token
+                    // wait per request cost a shared waiter list's lock).
+                    // The hard stop is never waited for: it aborts the task.
+                    _ = self.member.drained(&self.stops.graceful) => return,
                 }
             }
             if self.ctx.config.fast_http1 {
@@ -888,7 +900,6 @@ impl Connection {
             tokio::select! {
                 biased;
                 r = &mut handling => break r,
-                _ = self.stops.hard.cancelled() => return Fast::End,
                 r = io.wait_readable(), if more.len() < h1server::READ_BYTES => {
                     if r.is_err() {
                         return Fast::End;
@@ -912,10 +923,9 @@ impl Connection {
         let close = self.stops.graceful.is_cancelled();
         let writing =
             h1server::write_response(io, resp, head_request, close, self.ctx.config.send_timeout);
-        let written = tokio::select! {
-            w = writing => w,
-            _ = self.stops.hard.cancelled() => return Fast::End,
-        };
+        // The hard stop aborts the connection's task (`Stops::conns`): no
+        // wait on it here or above.
+        let written = writing.await;
         // Never a slice of the request's buffer: kept through an idle wait
         // it would hold the whole buffer.
         let rest = if more.is_empty() {
@@ -1001,11 +1011,10 @@ impl Connection {
                         wait = RELEASE_LINGER;
                     }
                 },
-                _ = self.stops.graceful.cancelled(), if !draining && !closing => {
+                _ = self.member.drained(&self.stops.graceful), if !draining && !closing => {
                     draining = true;
                     wait = Duration::ZERO;
                 }
-                _ = self.stops.hard.cancelled() => return Outcome::Ended,
                 _ = tokio::time::sleep(wait) => {
                     // A client that stopped reading holds its response (and
                     // the upstream connection) forever: no graceful end is

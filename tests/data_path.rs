@@ -530,6 +530,69 @@ async fn short_drain_deadline_resets_the_rest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_close_as_the_drain_begins() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
+    // A drain deadline far beyond the test's bounds: only a connection that
+    // was never told of the drain would wait for it.
+    let template =
+        service_config(0.0, "").replace("drain_timeout = \"5s\"", "drain_timeout = \"30s\"");
+    let cfg = config(&template, &[&b], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    // Each served one request on cyan's own HTTP/1.1 path and now waits for
+    // the next one.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // The whole answer: its head, then Content-Length bytes of body.
+        let mut got = Vec::new();
+        let whole = |got: &[u8]| {
+            let text = String::from_utf8_lossy(got).to_ascii_lowercase();
+            let end = text.find("\r\n\r\n")? + 4;
+            let len: usize = text[..end]
+                .split("\r\n")
+                .find_map(|l| l.strip_prefix("content-length: "))?
+                .trim()
+                .parse()
+                .ok()?;
+            (got.len() >= end + len).then_some(())
+        };
+        while whole(&got).is_none() {
+            let mut buf = [0u8; 512];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "answered: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        idle.push(s);
+    }
+    let report = tokio::time::timeout(Duration::from_secs(5), server.shutdown())
+        .await
+        .expect("the drain ends with the idle connections, not at its deadline");
+    assert_eq!(report.abandoned, 0);
+    assert!(
+        report.elapsed < Duration::from_secs(2),
+        "{:?}",
+        report.elapsed
+    );
+    for mut s in idle {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .expect("closed, not left open")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without another answer");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2c_spreads_over_the_pool() {
     let blues = [
         Backend::start("blue").await,
