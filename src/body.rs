@@ -507,8 +507,9 @@ pub struct RespBody {
 enum RespInner {
     Full(Option<Bytes>),
     Upstream(Incoming),
-    /// From cyan's own HTTP/1.1 client ([`crate::h1client`]).
-    Raw(crate::h1client::RawBody),
+    /// From cyan's own HTTP/1.1 client ([`crate::h1client`]), with the
+    /// head's lines (the response's `HeaderMap` holds only what cyan set).
+    Raw(crate::h1client::RawBody, crate::h1client::RawHead),
 }
 
 impl RespBody {
@@ -525,22 +526,40 @@ impl RespBody {
         }
     }
 
+    /// The header lines of a response read by cyan's own client, when this
+    /// is its body and they were not taken ([`RespBody::take_raw_head`]).
+    pub fn raw_head(&self) -> Option<&crate::h1client::RawHead> {
+        match &self.inner {
+            RespInner::Raw(_, head) => Some(head),
+            _ => None,
+        }
+    }
+
+    /// Takes the header lines of a response read by cyan's own client (for
+    /// hyper's server, which needs them in the response's `HeaderMap`).
+    pub fn take_raw_head(&mut self) -> Option<crate::h1client::RawHead> {
+        match &mut self.inner {
+            RespInner::Raw(_, head) => Some(std::mem::take(head)),
+            _ => None,
+        }
+    }
+
     /// The upstream's body, streamed.
     pub fn upstream(inner: UpBody, mut guard: RequestGuard) -> RespBody {
         let inner = match inner {
             UpBody::Hyper(b) => RespInner::Upstream(b),
-            UpBody::Raw(mut b) => {
+            UpBody::Raw(mut b, head) => {
                 if b.is_end_stream() {
                     guard.pool_raw(b.take_conn());
                 }
-                RespInner::Raw(b)
+                RespInner::Raw(b, head)
             }
         };
         // hyper never polls a body that is already at its end (204, HEAD):
         // such a response is complete as it stands.
         let done = match &inner {
             RespInner::Upstream(b) => b.is_end_stream(),
-            RespInner::Raw(b) => b.is_end_stream(),
+            RespInner::Raw(b, _) => b.is_end_stream(),
             RespInner::Full(_) => false,
         };
         if done {
@@ -610,7 +629,7 @@ impl Drop for RespBody {
         self.guard.take();
         // cyan's own client: a socket whose response was not read to its
         // end cannot be reused; it is reset, not closed gracefully.
-        if let RespInner::Raw(b) = &mut self.inner {
+        if let RespInner::Raw(b, _) = &mut self.inner {
             b.abandon();
         }
     }
@@ -629,7 +648,7 @@ impl Body for RespBody {
             RespInner::Full(d) => Poll::Ready(d.take().map(|d| Ok(Frame::data(d)))),
             // The client's socket is full: no more chunks until a write goes
             // through (which wakes this task; see `ConnActivity::body_held`).
-            RespInner::Upstream(_) | RespInner::Raw(_)
+            RespInner::Upstream(_) | RespInner::Raw(..)
                 if this.guard.as_ref().is_some_and(|g| g.conn.body_held()) =>
             {
                 Poll::Pending
@@ -642,7 +661,7 @@ impl Body for RespBody {
             // socket then took only the first and 52 KiB stayed held for a
             // client that was not reading (about one run in twenty of
             // `tests/limits.rs`'s stalled download).
-            RespInner::Upstream(_) | RespInner::Raw(_) if this.flush_first => {
+            RespInner::Upstream(_) | RespInner::Raw(..) if this.flush_first => {
                 this.flush_first = false;
                 cx.waker().wake_by_ref();
                 Poll::Pending
@@ -654,7 +673,7 @@ impl Body for RespBody {
                 let end = b.is_end_stream();
                 this.relayed(polled, end, None)
             }
-            RespInner::Raw(b) => {
+            RespInner::Raw(b, _) => {
                 let polled = Pin::new(&mut *b)
                     .poll_frame(cx)
                     .map(|f| f.map(|r| r.map_err(BoxError::from)));
@@ -676,7 +695,7 @@ impl Body for RespBody {
         match &self.inner {
             RespInner::Full(d) => d.is_none(),
             RespInner::Upstream(b) => b.is_end_stream(),
-            RespInner::Raw(b) => b.is_end_stream(),
+            RespInner::Raw(b, _) => b.is_end_stream(),
         }
     }
 
@@ -684,7 +703,7 @@ impl Body for RespBody {
         match &self.inner {
             RespInner::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
             RespInner::Upstream(b) => b.size_hint(),
-            RespInner::Raw(b) => b.size_hint(),
+            RespInner::Raw(b, _) => b.size_hint(),
         }
     }
 }

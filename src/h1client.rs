@@ -186,21 +186,22 @@ impl RawConn {
     }
 
     /// Reads a response head (skipping interim 1xx answers); `limit` bounds
-    /// the head's size. Returns the head, its body's framing and whether the
-    /// connection may be reused after the body.
+    /// the head's size. Returns the status and version, the header lines,
+    /// its body's framing and whether the connection may be reused after
+    /// the body.
     pub async fn read_head(
         &mut self,
         limit: usize,
         head_request: bool,
-    ) -> Result<(http::response::Parts, Framing, bool), RawError> {
+    ) -> Result<(http::response::Parts, RawHead, Framing, bool), RawError> {
         let mut got_any = false;
         loop {
             if !self.buf.is_empty() {
                 got_any = true;
                 match parse_head(&mut self.buf, head_request)? {
                     Some(Parsed::Interim) => continue,
-                    Some(Parsed::Final(parts, framing, reuse)) => {
-                        return Ok((parts, framing, reuse))
+                    Some(Parsed::Final(parts, raw, framing, reuse)) => {
+                        return Ok((parts, raw, framing, reuse))
                     }
                     None if self.buf.len() >= limit => {
                         return Err(RawError::Invalid("response head too large"))
@@ -235,19 +236,109 @@ fn fill(
 
 enum Parsed {
     Interim,
-    Final(http::response::Parts, Framing, bool),
+    Final(http::response::Parts, RawHead, Framing, bool),
+}
+
+// Which lines go on is kept as bits of a u128.
+const _: () = assert!(MAX_HEADERS <= 128);
+
+/// A response head as cyan's own client read it: the head's bytes and where
+/// each header line's name and value lie in them, with the hop-by-hop
+/// lines marked out ([`crate::headers::hop_by_hop_lines`]). It is never put
+/// into a `HeaderMap` on cyan's own HTTP/1.1 server path, which writes the
+/// lines that go on as they came ([`crate::h1server::write_response`]);
+/// hyper's server gets a map made from them ([`RawHead::append_to`]).
+/// Building a map (names parsed and hashed, values sliced, the hop-by-hop
+/// strip run on it) and writing from it again was ~3.5k instructions of a
+/// proxied request (callgrind).
+///
+/// Kept small (56 bytes): it travels with the response through every move
+/// of it.
+#[derive(Debug, Clone, Default)]
+pub struct RawHead {
+    head: Bytes,
+    /// Name start and end, value start and end, per line; [`GOES_ON`] set
+    /// in the name's end for a line that goes on.
+    lines: Box<[[u32; 4]]>,
+    /// `TE` lines listed `trailers`: `te: trailers` goes in their place.
+    te_trailers: bool,
+    /// Both `Transfer-Encoding` and `Content-Length` came (RFC 9112 §6.3):
+    /// the response must not be forwarded.
+    pub framed_twice: bool,
+}
+
+/// In a line's name end: the line goes on. Offsets are below 2^24 (a head
+/// is at most `read_buffer_bytes`, ≤ 16 MiB).
+const GOES_ON: u32 = 1 << 31;
+
+impl RawHead {
+    /// The lines that go on (names as they came), in order.
+    pub fn forwarded(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.lines
+            .iter()
+            .filter(|l| l[1] & GOES_ON != 0)
+            .map(|&l| line_of(&self.head, l))
+    }
+
+    /// The first value of `name` (lowercase letters and `-`) among the
+    /// lines that go on.
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        self.forwarded()
+            .find(|(n, _)| crate::headers::name_is(n, name))
+            .map(|(_, v)| v)
+    }
+
+    /// Whether a `te: trailers` line goes on in place of the `TE` lines.
+    pub fn te_trailers(&self) -> bool {
+        self.te_trailers
+    }
+
+    /// Appends the lines that go on to `map` (for hyper's server), except
+    /// those whose name `map` already holds: what cyan set replaces what
+    /// came, as an insert into the upstream's map did. A value is a slice of
+    /// the head, not a copy; an echoed `X-Request-Id` is kept out of HPACK's
+    /// table, as on the map path.
+    pub fn append_to(&self, map: &mut HeaderMap) {
+        let set = std::mem::replace(map, HeaderMap::with_capacity(self.lines.len() + map.len()));
+        for &[n0, n1, v0, v1] in self.lines.iter().filter(|l| l[1] & GOES_ON != 0) {
+            let name = &self.head[n0 as usize..(n1 & !GOES_ON) as usize];
+            if set
+                .keys()
+                .any(|k| k.as_str().as_bytes().eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
+            // Checked when the head was read (`parse_head`): neither fails.
+            let (Ok(name), Ok(mut value)) = (
+                HeaderName::from_bytes(name),
+                HeaderValue::from_maybe_shared(self.head.slice(v0 as usize..v1 as usize)),
+            ) else {
+                continue;
+            };
+            if name == crate::headers::X_REQUEST_ID {
+                crate::headers::never_indexed(&mut value);
+            }
+            map.append(name, value);
+        }
+        if self.te_trailers {
+            map.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        for (name, value) in set {
+            if let Some(name) = name {
+                map.insert(name, value);
+            }
+        }
+    }
 }
 
 /// Parses a complete head at the front of `buf` and consumes it; `None`
 /// when more bytes are needed.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, RawError> {
     // One parse, while the buffer is borrowed: each header is noted as the
-    // offsets of its name and value, and becomes a name and a slice of the
-    // frozen head below (a second parse of the frozen head to reach the
-    // values cost ~1.3k instructions per response). The parser's array is
-    // left uninitialized: zeroing 100 headers cost more than parsing a head.
-    let mut spans = [[0u32; 4]; MAX_HEADERS];
-    let (len, count, status, version) = {
+    // offsets of its name and value in the frozen head below. The parser's
+    // array is left uninitialized: zeroing 100 headers cost more than
+    // parsing a head.
+    let (len, mut lines, status, version) = {
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
         let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -263,74 +354,51 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             Err(_) => return Err(RawError::Invalid("malformed response head")),
         };
         let base = buf.as_ptr() as usize;
-        for (h, span) in resp.headers.iter().zip(spans.iter_mut()) {
-            // httparse hands out slices of `buf`: the offsets are exact, and
-            // fit u32 (a head is at most `read_buffer_bytes`, ≤ 16 MiB).
+        let mut lines = Vec::with_capacity(resp.headers.len());
+        for h in resp.headers.iter() {
+            // httparse takes what a `HeaderName` and a `HeaderValue` take
+            // (tokens; tab, visible ASCII and obs-text), as each must become
+            // one for hyper's server. Its slices are of `buf`: the offsets
+            // are exact and below 2^24 (`GOES_ON` is free).
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
-            *span = [
+            lines.push([
                 name as u32,
                 (name + h.name.len()) as u32,
                 value as u32,
                 (value + h.value.len()) as u32,
-            ];
+            ]);
         }
-        (
-            len,
-            resp.headers.len(),
-            resp.code.unwrap_or(0),
-            resp.version,
-        )
+        (len, lines, resp.code.unwrap_or(0), resp.version)
     };
-    // The head, frozen: header values become slices of it, not copies.
-    let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(status).map_err(|_| RawError::Invalid("invalid status"))?;
     let version = if version == Some(0) {
         Version::HTTP_10
     } else {
         Version::HTTP_11
     };
+    let head = buf.split_to(len).freeze();
     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(Some(Parsed::Interim));
     }
-    // Room for what the proxy adds (X-Request-Id, a color header) without
-    // growing the table.
-    let mut map = HeaderMap::with_capacity(count + 2);
-    // Which of the names framing depends on are here, noted on the way (a
-    // standard name compares as a small integer): no lookup for the absent.
-    let (mut connection, mut te, mut cl) = (false, false, false);
-    // A bare `Connection: keep-alive` line, seen and left out.
-    let mut keep_alive = false;
-    for &[n0, n1, v0, v1] in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize])
-            .map_err(|_| RawError::Invalid("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize))
-            .map_err(|_| RawError::Invalid("invalid header value"))?;
-        te |= name == header::TRANSFER_ENCODING;
-        cl |= name == header::CONTENT_LENGTH;
-        if name == header::CONNECTION {
-            connection = true;
-            // `keep-alive` alone names only `Keep-Alive`, which the
-            // hop-by-hop strip removes whatever Connection says: it would
-            // take this line out and nothing else, so it is never put in
-            // (nearly every HTTP/1.1 answer carries it; removing it again
-            // cost ~0.5k instructions). `close` stays: it also names a
-            // header called `close`, should one be there.
-            if value
-                .as_bytes()
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"keep-alive")
-            {
-                keep_alive = true;
-                continue;
+    // One pass for what framing and reuse depend on (a name's length picks
+    // the one to compare).
+    let (mut close, mut keep_alive, mut te_last, mut has_cl) = (false, false, None, false);
+    for (i, &l) in lines.iter().enumerate() {
+        let (name, value) = line_of(&head, l);
+        match name.len() {
+            10 if crate::headers::name_is(name, b"connection") => {
+                close |= crate::headers::list_has_token(value, b"close");
+                keep_alive |= crate::headers::list_has_token(value, b"keep-alive");
             }
+            14 if crate::headers::name_is(name, b"content-length") => has_cl = true,
+            17 if crate::headers::name_is(name, b"transfer-encoding") => te_last = Some(i),
+            _ => {}
         }
-        map.append(name, value);
     }
-    let has = |token: &[u8]| connection && crate::headers::connection_has_token(&map, token);
     let mut reuse = match version {
-        Version::HTTP_10 => keep_alive || has(b"keep-alive"),
-        _ => !has(b"close"),
+        Version::HTTP_10 => keep_alive,
+        _ => !close,
     };
     let framing = if head_request
         || status == StatusCode::NO_CONTENT
@@ -338,15 +406,15 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         || status == StatusCode::SWITCHING_PROTOCOLS
     {
         Framing::Empty
-    } else if te {
-        if last_coding_is_chunked(&map) {
+    } else if let Some(last) = te_last {
+        if last_coding_is_chunked(line_of(&head, lines[last]).1) {
             Framing::Chunked
         } else {
             reuse = false;
             Framing::Close
         }
-    } else if cl {
-        match content_length(&map)? {
+    } else if has_cl {
+        match content_length(values_of(&head, &lines, b"content-length"))? {
             0 => Framing::Empty,
             n => Framing::Length(n),
         }
@@ -354,11 +422,44 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         reuse = false;
         Framing::Close
     };
+    let (forward, te_trailers) =
+        crate::headers::hop_by_hop_lines(lines.len(), |i| line_of(&head, lines[i]));
+    for (i, l) in lines.iter_mut().enumerate() {
+        if forward & (1 << i) != 0 {
+            l[1] |= GOES_ON;
+        }
+    }
     let mut parts = Response::new(()).into_parts().0;
     parts.status = status;
     parts.version = version;
-    parts.headers = map;
-    Ok(Some(Parsed::Final(parts, framing, reuse)))
+    let raw = RawHead {
+        head,
+        lines: lines.into_boxed_slice(),
+        te_trailers,
+        framed_twice: te_last.is_some() && has_cl,
+    };
+    Ok(Some(Parsed::Final(parts, raw, framing, reuse)))
+}
+
+/// A line's name and value in `head` (the [`GOES_ON`] mark left out).
+fn line_of(head: &[u8], [n0, n1, v0, v1]: [u32; 4]) -> (&[u8], &[u8]) {
+    (
+        &head[n0 as usize..(n1 & !GOES_ON) as usize],
+        &head[v0 as usize..v1 as usize],
+    )
+}
+
+/// The values of the lines named `name` (lowercase letters and `-`).
+fn values_of<'a>(
+    head: &'a [u8],
+    lines: &'a [[u32; 4]],
+    name: &'static [u8],
+) -> impl DoubleEndedIterator<Item = &'a [u8]> + 'a {
+    lines
+        .iter()
+        .map(move |&l| line_of(head, l))
+        .filter(move |(n, _)| crate::headers::name_is(n, name))
+        .map(|(_, v)| v)
 }
 
 /// Parses the response heads at the front of `data` as the client does
@@ -373,17 +474,32 @@ pub fn parse_response_head(data: &[u8], head_request: bool) {
             Ok(Some(Parsed::Interim)) => {
                 assert!(buf.len() < before, "an interim head consumed nothing")
             }
-            Ok(Some(Parsed::Final(parts, framing, reuse))) => {
+            Ok(Some(Parsed::Final(_, raw, framing, reuse))) => {
                 assert!(buf.len() < before, "a head consumed nothing");
-                let te = parts.headers.contains_key(header::TRANSFER_ENCODING);
+                let all = |name: &'static [u8]| values_of(&raw.head, &raw.lines, name);
+                let te = all(b"transfer-encoding").next().is_some();
                 match framing {
                     Framing::Empty => {}
                     Framing::Chunked => assert!(te && !head_request),
                     Framing::Length(n) => {
                         assert!(n > 0 && !te && !head_request);
-                        assert_eq!(content_length(&parts.headers).ok(), Some(n));
+                        assert_eq!(content_length(all(b"content-length")).ok(), Some(n));
                     }
                     Framing::Close => assert!(!reuse, "a close-framed body on a reused connection"),
+                }
+                // Every line that goes on becomes a header for hyper's server.
+                let mut map = HeaderMap::new();
+                raw.append_to(&mut map);
+                assert_eq!(
+                    map.len(),
+                    raw.forwarded().count() + usize::from(raw.te_trailers())
+                );
+                for (name, _) in raw.forwarded() {
+                    assert_eq!(
+                        crate::headers::hop_by_hop_lines(1, |_| (name, &b""[..])).0,
+                        1,
+                        "a hop-by-hop line went on"
+                    );
                 }
                 return;
             }
@@ -391,19 +507,18 @@ pub fn parse_response_head(data: &[u8], head_request: bool) {
     }
 }
 
-fn last_coding_is_chunked(map: &HeaderMap) -> bool {
-    map.get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+fn last_coding_is_chunked(last_te: &[u8]) -> bool {
+    last_te
+        .rsplit(|&b| b == b',')
+        .next()
         .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 /// Every `Content-Length` value (lists included) must be the same number.
-fn content_length(map: &HeaderMap) -> Result<u64, RawError> {
+fn content_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<u64, RawError> {
     let mut found: Option<u64> = None;
-    for v in map.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
+    for v in values {
+        for part in v.split(|&b| b == b',') {
             let part = part.trim_ascii();
             if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
                 return Err(RawError::Invalid("invalid Content-Length"));
@@ -744,7 +859,8 @@ mod tests {
         head: bool,
     ) -> Result<(u16, Vec<u8>, Option<HeaderMap>, bool), String> {
         let mut c = conn_answering(answer, close).await;
-        let (parts, framing, reuse) = c.read_head(16384, head).await.map_err(|e| e.to_string())?;
+        let (parts, _, framing, reuse) =
+            c.read_head(16384, head).await.map_err(|e| e.to_string())?;
         let mut body = RawBody::new(c, framing, reuse, 16384);
         let mut data = Vec::new();
         let mut trailers = None;
@@ -829,58 +945,132 @@ mod tests {
         );
     }
 
-    /// Status, reuse and the header names kept, for one parsed head.
+    /// Status, reuse and the names of the lines that go on, for one head.
     fn parsed(head: &[u8]) -> (u16, bool, Vec<String>) {
         let mut buf = BytesMut::from(head);
         match parse_head(&mut buf, false) {
-            Ok(Some(Parsed::Final(parts, _, reuse))) => (
+            Ok(Some(Parsed::Final(parts, raw, _, reuse))) => (
                 parts.status.as_u16(),
                 reuse,
-                parts.headers.keys().map(|k| k.to_string()).collect(),
+                raw.forwarded()
+                    .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+                    .collect(),
             ),
             other => panic!("not a final head: {:?}", other.map(|p| p.is_some())),
         }
     }
 
     #[test]
-    fn a_bare_keep_alive_line_is_read_and_left_out() {
-        // keep-alive alone: read for reuse, never put in the map.
+    fn connection_lines_decide_reuse_and_are_never_forwarded() {
         let (_, reuse, names) =
             parsed(b"HTTP/1.1 200 OK\r\nConnection:  Keep-Alive \r\ncontent-length: 0\r\n\r\n");
         assert!(reuse);
         assert_eq!(names, ["content-length"]);
-        // close stays for the strip: it names a header called `close` too.
+        // `close` ends reuse and takes a header called `close` out too.
         let (_, reuse, names) = parsed(
-            b"HTTP/1.1 200 OK\r\nconnection: close\r\nclose: 1\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\nClose: 1\r\ncontent-length: 0\r\n\r\n",
         );
         assert!(!reuse);
-        assert_eq!(names, ["connection", "close", "content-length"]);
+        assert_eq!(names, ["content-length"]);
         // HTTP/1.0: reused only when it asks for keep-alive.
         let (_, reuse, _) =
             parsed(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n");
         assert!(reuse);
+        let (_, reuse, _) = parsed(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n");
+        assert!(!reuse);
         // Two lines: close in either wins on HTTP/1.1.
         let (_, reuse, _) = parsed(
             b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
         );
         assert!(!reuse);
-        // A line naming other headers stays for the hop-by-hop strip, which
-        // needs it to find them.
+        // Names a Connection line lists go, before or after it, any case;
+        // Host and Content-Length never do.
         let (_, reuse, names) = parsed(
-            b"HTTP/1.1 200 OK\r\nconnection: close, x-hop\r\nx-hop: 1\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-Before: 1\r\nconnection: X-HOP, x-before, host, content-length\r\nx-hop: 1\r\nx-stays: 1\r\nhost: h\r\ncontent-length: 0\r\n\r\n",
         );
-        assert!(!reuse);
-        assert_eq!(names, ["connection", "x-hop", "content-length"]);
-        // Values are the head's own bytes, in order, duplicates kept.
-        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nset-cookie: a=1\r\nx: y\r\nset-cookie: b=2\r\ncontent-length: 3\r\n\r\nabc"[..]);
-        let Ok(Some(Parsed::Final(parts, framing, _))) = parse_head(&mut buf, false) else {
+        assert!(reuse);
+        assert_eq!(names, ["x-stays", "host", "content-length"]);
+        // The fixed hop-by-hop names go whatever Connection says; TE listing
+        // trailers becomes `te: trailers`.
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\nUpgrade: h2c\r\nTE: gzip, trailers\r\nx: y\r\ncontent-length: 0\r\n\r\n"[..],
+        );
+        let Ok(Some(Parsed::Final(_, raw, _, _))) = parse_head(&mut buf, false) else {
             panic!("not parsed");
         };
-        let cookies: Vec<_> = parts.headers.get_all("set-cookie").iter().collect();
-        assert_eq!(cookies, ["a=1", "b=2"]);
-        assert_eq!(parts.headers["x"], "y");
+        let names: Vec<_> = raw.forwarded().map(|(n, _)| n.to_vec()).collect();
+        assert_eq!(names, [b"x".to_vec(), b"content-length".to_vec()]);
+        assert!(raw.te_trailers());
+        // Values are the head's own bytes, in order, duplicates kept.
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nset-cookie: a=1\r\nX: y\r\nset-cookie: b=2\r\ncontent-length: 3\r\n\r\nabc"[..]);
+        let Ok(Some(Parsed::Final(_, raw, framing, _))) = parse_head(&mut buf, false) else {
+            panic!("not parsed");
+        };
+        let lines: Vec<_> = raw.forwarded().collect();
+        assert_eq!(
+            lines,
+            [
+                (&b"set-cookie"[..], &b"a=1"[..]),
+                (b"X", b"y"),
+                (b"set-cookie", b"b=2"),
+                (b"content-length", b"3")
+            ]
+        );
+        assert_eq!(raw.get(b"x"), Some(&b"y"[..]));
         assert_eq!(framing, Framing::Length(3));
+        assert!(!raw.framed_twice);
         assert_eq!(&buf[..], b"abc");
+        // Both framings: marked, for a 502.
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+        );
+        let Ok(Some(Parsed::Final(_, raw, framing, _))) = parse_head(&mut buf, false) else {
+            panic!("not parsed");
+        };
+        assert!(raw.framed_twice);
+        assert_eq!(framing, Framing::Chunked);
+        // A control byte in a value is refused, as a `HeaderValue` would.
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx: a\x01b\r\n\r\n"[..]);
+        assert!(parse_head(&mut buf, false).is_err());
+    }
+
+    #[test]
+    fn lines_make_the_same_map_as_the_strip_over_a_map() {
+        // What hyper's server gets from the lines is what the hop-by-hop
+        // strip left of a map of the same head, with what cyan set
+        // replacing lines of the same name.
+        let head = b"HTTP/1.1 200 OK\r\nServer: s\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nSet-Cookie: a\r\nX-Color: upstream\r\nSet-Cookie: b\r\nKeep-Alive: 5\r\nTE: trailers\r\nX-Request-Id: abc\r\nContent-Length: 2\r\n\r\nok";
+        let mut buf = BytesMut::from(&head[..]);
+        let Ok(Some(Parsed::Final(_, raw, _, _))) = parse_head(&mut buf, false) else {
+            panic!("not parsed");
+        };
+        let mut from_lines = HeaderMap::new();
+        from_lines.insert("x-color", HeaderValue::from_static("green"));
+        raw.append_to(&mut from_lines);
+
+        let mut map = HeaderMap::new();
+        for (n, v) in raw.lines.iter().map(|&l| line_of(&raw.head, l)) {
+            map.append(
+                HeaderName::from_bytes(n).unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        crate::headers::strip_hop_by_hop(&mut map, false);
+        map.insert("x-color", HeaderValue::from_static("green"));
+
+        let sorted = |m: &HeaderMap| {
+            let mut v: Vec<_> = m
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(&from_lines), sorted(&map));
+        assert_eq!(from_lines["x-color"], "green");
+        assert_eq!(from_lines.get_all("set-cookie").iter().count(), 2);
+        assert!(from_lines["x-request-id"].is_sensitive());
+        assert!(!from_lines.contains_key("x-hop"));
     }
 
     #[tokio::test]
@@ -969,14 +1159,14 @@ mod tests {
     #[tokio::test]
     async fn a_pooled_connection_closed_by_the_endpoint_is_not_alive() {
         let mut c = conn_answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
-        let (_, framing, reuse) = c.read_head(16384, false).await.unwrap();
+        let (_, _, framing, reuse) = c.read_head(16384, false).await.unwrap();
         let mut body = RawBody::new(c, framing, reuse, 16384);
         while body.frame().await.is_some() {}
         let mut c = body.take_conn().expect("reusable");
         assert!(c.alive(), "an endpoint that keeps the connection open");
         // Closed after its answer (the endpoint's side drops the socket).
         let mut c2 = conn_answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true).await;
-        let (_, framing, reuse) = c2.read_head(16384, false).await.unwrap();
+        let (_, _, framing, reuse) = c2.read_head(16384, false).await.unwrap();
         let mut body = RawBody::new(c2, framing, reuse, 16384);
         while body.frame().await.is_some() {}
         let mut c2 = body.take_conn().expect("reusable by its headers");

@@ -165,6 +165,32 @@ where
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    // An answer read by cyan's own client: its lines that go on, as they
+    // came (`RawHead`), but for those cyan set in the map (they replace
+    // them) and the framing this writer sets itself. Hop-by-hop lines
+    // (Connection, Transfer-Encoding among them) were marked out when the
+    // head was read.
+    let mut date_sent = false;
+    if let Some(raw) = body.raw_head() {
+        for (name, value) in raw.forwarded() {
+            if (!no_body && crate::headers::name_is(name, b"content-length"))
+                || parts
+                    .headers
+                    .keys()
+                    .any(|k| k.as_str().as_bytes().eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
+            date_sent |= crate::headers::name_is(name, b"date");
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        if raw.te_trailers() {
+            out.extend_from_slice(b"te: trailers\r\n");
+        }
+    }
     for (name, value) in &parts.headers {
         if name == header::CONNECTION
             || name == header::TRANSFER_ENCODING
@@ -177,7 +203,7 @@ where
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !date_sent && !parts.headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
         date(|d| out.extend_from_slice(d));
         out.extend_from_slice(b"\r\n");

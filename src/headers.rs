@@ -165,11 +165,81 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// Whether a `Connection` header lists `token` (case-insensitive).
 pub(crate) fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| list_has_token(v.as_bytes(), token))
+}
+
+/// Whether header name `name` (as it came, any case) is `lower`, a name of
+/// lowercase letters and `-`. Without branching per byte: OR-ing 0x20 turns
+/// an uppercase letter into its lowercase one and keeps `-`; no other byte
+/// lands on a lowercase letter that way, and only CR on `-` (CR is in no
+/// name or header value httparse hands out).
+pub fn name_is(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len()
+        && name
+            .iter()
+            .zip(lower)
+            .fold(0u8, |acc, (&a, &b)| acc | ((a | 0x20) ^ b))
+            == 0
+}
+
+/// Whether a comma-separated header value lists `token` (case-insensitive).
+pub(crate) fn list_has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// [`strip_hop_by_hop`] (without `keep_upgrade`) for a head held as its
+/// lines instead of a `HeaderMap`: cyan's own HTTP/1.1 client forwards a
+/// response that way ([`crate::h1client::RawHead`]). `line(i)` is the name
+/// and value of line `i` of `n` (at most 128). Returns the lines that go
+/// on, as bits, and whether a `TE: trailers` goes in place of the `TE`
+/// lines taken out; names compare without regard to case. The same names
+/// go as in the map version: the fixed hop-by-hop ones, and those a
+/// `Connection` line lists (never `Host` or `Content-Length`).
+pub fn hop_by_hop_lines<'a>(
+    n: usize,
+    line: impl Fn(usize) -> (&'a [u8], &'a [u8]),
+) -> (u128, bool) {
+    assert!(n <= 128, "at most 128 lines");
+    let mut keep = 0u128;
+    let mut te_trailers = false;
+    // The Connection lines, as bits.
+    let mut connection = 0u128;
+    for i in 0..n {
+        let (name, value) = line(i);
+        match hop_by_hop_name(name) {
+            0 => keep |= 1 << i,
+            HOP_CONNECTION => connection |= 1 << i,
+            HOP_TE => te_trailers |= list_has_token(value, b"trailers"),
+            _ => {}
+        }
+    }
+    while connection != 0 {
+        let i = connection.trailing_zeros() as usize;
+        connection &= connection - 1;
+        for token in line(i).1.split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            // A fixed hop-by-hop name (`keep-alive`, `close` is not one)
+            // is out already.
+            if token.is_empty()
+                || token.eq_ignore_ascii_case(b"host")
+                || token.eq_ignore_ascii_case(b"content-length")
+                || hop_by_hop_name(token) != 0
+            {
+                continue;
+            }
+            for j in 0..n {
+                if keep & (1 << j) != 0 && line(j).0.eq_ignore_ascii_case(token) {
+                    keep &= !(1 << j);
+                }
+            }
+        }
+    }
+    (keep, te_trailers)
 }
 
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` stays and
@@ -255,14 +325,19 @@ const HOP_PROXY_CONNECTION: u8 = 32;
 /// Called for every header of every request and response: the length
 /// picks the one or two names to compare (names are lowercase).
 fn hop_by_hop_bit(name: &HeaderName) -> u8 {
-    let s = name.as_str();
+    hop_by_hop_name(name.as_str().as_bytes())
+}
+
+/// [`hop_by_hop_bit`] for a name as it came (any case).
+fn hop_by_hop_name(s: &[u8]) -> u8 {
+    let is = |n: &[u8]| name_is(s, n);
     match s.len() {
-        2 if s == "te" => HOP_TE,
-        7 if s == "upgrade" => HOP_UPGRADE,
-        10 if s == "connection" => HOP_CONNECTION,
-        10 if s == "keep-alive" => HOP_KEEP_ALIVE,
-        16 if s == "proxy-connection" => HOP_PROXY_CONNECTION,
-        17 if s == "transfer-encoding" => HOP_TRANSFER_ENCODING,
+        2 if is(b"te") => HOP_TE,
+        7 if is(b"upgrade") => HOP_UPGRADE,
+        10 if is(b"connection") => HOP_CONNECTION,
+        10 if is(b"keep-alive") => HOP_KEEP_ALIVE,
+        16 if is(b"proxy-connection") => HOP_PROXY_CONNECTION,
+        17 if is(b"transfer-encoding") => HOP_TRANSFER_ENCODING,
         _ => 0,
     }
 }

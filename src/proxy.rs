@@ -462,12 +462,24 @@ fn respond(
     conn: &ConnCtx,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
+    // A response from cyan's own client comes as its head's lines, the map
+    // empty: what is checked below is checked on them, and what cyan sets
+    // goes into the map, to replace lines of the same name when written.
+    let raw = match &body {
+        crate::upstream::UpBody::Raw(_, raw) => Some(raw),
+        crate::upstream::UpBody::Hyper(_) => None,
+    };
     // A response framed two ways (RFC 9112 §6.3) is a smuggling attempt or a
     // broken upstream: nothing of it reaches the client and its connection
     // is not reused (stopped at once, nothing more of it read).
-    if parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts.headers.contains_key(header::CONTENT_LENGTH)
-    {
+    let framed_twice = match raw {
+        Some(raw) => raw.framed_twice,
+        None => {
+            parts.headers.contains_key(header::TRANSFER_ENCODING)
+                && parts.headers.contains_key(header::CONTENT_LENGTH)
+        }
+    };
+    if framed_twice {
         drop(body);
         if let Some(p) = pooled {
             p.abandon();
@@ -519,12 +531,25 @@ fn respond(
     }
     match parts.headers.get_mut(&headers::X_REQUEST_ID) {
         Some(echoed) => headers::never_indexed(echoed),
+        // Echoed among the lines: it goes on (kept out of HPACK's table
+        // when a map is made of them, `RawHead::append_to`).
+        None if raw.is_some_and(|r| r.get(b"x-request-id").is_some()) => {}
         None => {
             parts.headers.insert(&headers::X_REQUEST_ID, request_id);
         }
     }
     guard.set_response(parts.status.as_u16(), pooled);
     Response::from_parts(parts, RespBody::upstream(body, guard))
+}
+
+/// A response for hyper's server: the header lines of an answer read by
+/// cyan's own client (kept as lines for cyan's own HTTP/1.1 server,
+/// [`crate::h1server::write_response`]) go into its `HeaderMap`.
+pub fn for_hyper(mut resp: Response<RespBody>) -> Response<RespBody> {
+    if let Some(raw) = resp.body_mut().take_raw_head() {
+        raw.append_to(resp.headers_mut());
+    }
+    resp
 }
 
 async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, service: Arc<str>) {

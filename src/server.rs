@@ -757,7 +757,7 @@ impl Connection {
             let table = table.clone();
             async move {
                 let req = req.map(proxy::ClientIn::Hyper);
-                Ok::<_, Infallible>(proxy::handle(&table, &conn, req).await)
+                Ok::<_, Infallible>(proxy::for_hyper(proxy::handle(&table, &conn, req).await))
             }
         };
         match proto {

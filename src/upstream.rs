@@ -95,7 +95,9 @@ pub enum Pooled {
 #[derive(Debug)]
 pub enum UpBody {
     Hyper(Incoming),
-    Raw(RawBody),
+    /// With the head's lines: the response's `HeaderMap` is left empty
+    /// ([`crate::h1client::RawHead`]).
+    Raw(RawBody, crate::h1client::RawHead),
 }
 
 impl Pooled {
@@ -576,9 +578,9 @@ impl Upstream {
                 error: UpstreamError::ResponseTimeout { addr, after },
                 request: None,
             }),
-            Ok(Ok((parts, framing, reuse))) => {
+            Ok(Ok((parts, raw, framing, reuse))) => {
                 let body = RawBody::new(conn, framing, reuse, limit);
-                Ok((Response::from_parts(parts, UpBody::Raw(body)), None))
+                Ok((Response::from_parts(parts, UpBody::Raw(body, raw)), None))
             }
             Ok(Err(e)) => {
                 tracing::debug!(endpoint = %addr, fresh, error = %e, "upstream exchange failed");

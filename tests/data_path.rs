@@ -757,6 +757,7 @@ async fn raw_backend() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUs
                     let path = head.split(' ').nth(1).unwrap_or("/");
                     let answer: &[u8] = match path {
                         "/good" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                        "/hop" => b"HTTP/1.1 200 OK\r\nServer: raw\r\nConnection: keep-alive, X-Private\r\nX-Private: secret\r\nKeep-Alive: timeout=5\r\nX-Served-By: upstream\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Request-Id: echoed\r\nContent-Length: 2\r\n\r\nok",
                         "/cl-te" => b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
                         "/two-cl" => b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nContent-Length: 9\r\n\r\nSMUGGLED!",
                         "/split" => b"HTTP/1.1 200 OK\r\nX-A: b\rSet-Cookie: SMUGGLED=1\r\nContent-Length: 2\r\n\r\nok",
@@ -770,6 +771,99 @@ async fn raw_backend() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUs
         }
     });
     (addr, conns)
+}
+
+/// Sends `request` on a new connection and reads the answer to its end
+/// (Content-Length framed): its status and its header lines, names
+/// lowercased.
+async fn whole_answer(
+    proxy: std::net::SocketAddr,
+    request: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let mut lines = text[..end].split("\r\n");
+            let status = lines.next().unwrap()[9..12].parse().unwrap();
+            let headers: Vec<(String, String)> = lines
+                .map(|l| {
+                    let (n, v) = l.split_once(':').unwrap();
+                    (n.to_ascii_lowercase(), v.trim().to_string())
+                })
+                .collect();
+            let len: usize = headers
+                .iter()
+                .find(|(n, _)| n == "content-length")
+                .map_or(0, |(_, v)| v.parse().unwrap());
+            if got.len() >= end + 4 + len {
+                let body = text[end + 4..end + 4 + len].to_string();
+                return (status, headers, body);
+            }
+        }
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("answered in time")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_answers_lose_the_same_hop_by_hop_lines_on_both_server_paths() {
+    // The same answer from cyan's own client, given to a client on cyan's
+    // own HTTP/1.1 path (written from the head's lines) and on hyper's
+    // (`Connection: close` sends it there; a header map made of the lines).
+    let (raw, _) = raw_backend().await;
+    let g = Backend::start("green").await;
+    let template = service_config(0.0, "color_header = \"x-served-by\"")
+        .replace("[{blue}]", &format!("[\"{raw}\"]"));
+    let cfg = config(&template, &[], &[&g]);
+    let (server, proxy) = start_proxy(&cfg).await;
+    let mut seen = Vec::new();
+    for extra in ["", "Connection: close\r\n"] {
+        let req = format!("GET /hop HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
+        let (status, mut headers, body) = whole_answer(proxy, &req).await;
+        assert_eq!((status, body.as_str()), (200, "ok"), "{extra}");
+        let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
+        for gone in ["x-private", "keep-alive"] {
+            assert!(
+                !names.contains(&gone),
+                "{gone} forwarded ({extra}): {headers:?}"
+            );
+        }
+        let all = |name: &str| -> Vec<&str> {
+            headers
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        assert_eq!(
+            all("x-served-by"),
+            ["blue"],
+            "cyan's color replaces the upstream's"
+        );
+        assert_eq!(all("set-cookie"), ["a=1", "b=2"]);
+        assert_eq!(
+            all("x-request-id"),
+            ["echoed"],
+            "the upstream's echo is kept"
+        );
+        assert_eq!(all("server"), ["raw"]);
+        assert_eq!(all("date").len(), 1);
+        // What differs by design: the close asked for, and the date.
+        headers.retain(|(n, _)| n != "connection" && n != "date");
+        headers.sort();
+        seen.push(headers);
+    }
+    assert_eq!(seen[0], seen[1], "both paths forward the same lines");
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
