@@ -265,6 +265,9 @@ pub struct RawHead {
     /// Both `Transfer-Encoding` and `Content-Length` came (RFC 9112 §6.3):
     /// the response must not be forwarded.
     pub framed_twice: bool,
+    /// What cyan sets on the response (a color header, `X-Request-Id`):
+    /// each replaces the lines of its name ([`RawHead::set`]).
+    own: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// In a line's name end: the line goes on. Offsets are below 2^24 (a head
@@ -272,12 +275,34 @@ pub struct RawHead {
 const GOES_ON: u32 = 1 << 31;
 
 impl RawHead {
-    /// The lines that go on (names as they came), in order.
+    /// The lines that go on (names as they came), in order: not
+    /// hop-by-hop, and not replaced by what cyan set ([`RawHead::own`]).
     pub fn forwarded(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         self.lines
             .iter()
             .filter(|l| l[1] & GOES_ON != 0)
             .map(|&l| line_of(&self.head, l))
+    }
+
+    /// Sets a header on the response: it replaces the lines of that name
+    /// (marked out now, once) and an earlier value cyan set for it, as an
+    /// insert into a map does.
+    pub fn set(&mut self, name: HeaderName, value: HeaderValue) {
+        let lower = name.as_str().as_bytes();
+        for l in self.lines.iter_mut() {
+            if l[1] & GOES_ON != 0 && line_of(&self.head, *l).0.eq_ignore_ascii_case(lower) {
+                l[1] &= !GOES_ON;
+            }
+        }
+        match self.own.iter_mut().find(|(n, _)| *n == name) {
+            Some(own) => own.1 = value,
+            None => self.own.push((name, value)),
+        }
+    }
+
+    /// What cyan set, in the order it was set.
+    pub fn own(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.own
     }
 
     /// The first value of `name` (lowercase letters and `-`) among the
@@ -293,16 +318,17 @@ impl RawHead {
         self.te_trailers
     }
 
-    /// Appends the lines that go on to `map` (for hyper's server), except
-    /// those whose name `map` already holds: what cyan set replaces what
-    /// came, as an insert into the upstream's map did. A value is a slice of
-    /// the head, not a copy; an echoed `X-Request-Id` is kept out of HPACK's
-    /// table, as on the map path.
-    pub fn append_to(&self, map: &mut HeaderMap) {
-        let set = std::mem::replace(map, HeaderMap::with_capacity(self.lines.len() + map.len()));
-        for &[n0, n1, v0, v1] in self.lines.iter().filter(|l| l[1] & GOES_ON != 0) {
-            let name = &self.head[n0 as usize..(n1 & !GOES_ON) as usize];
-            if set
+    /// Puts the lines that go on, then what cyan set, into `map` (for
+    /// hyper's server). What `map` already holds replaces lines of the same
+    /// names too. A value is a slice of the head, not a copy; an echoed
+    /// `X-Request-Id` is kept out of HPACK's table, as on the map path.
+    pub fn append_to(self, map: &mut HeaderMap) {
+        let held = std::mem::replace(
+            map,
+            HeaderMap::with_capacity(self.lines.len() + self.own.len() + map.len()),
+        );
+        for (name, value) in self.forwarded() {
+            if held
                 .keys()
                 .any(|k| k.as_str().as_bytes().eq_ignore_ascii_case(name))
             {
@@ -311,7 +337,7 @@ impl RawHead {
             // Checked when the head was read (`parse_head`): neither fails.
             let (Ok(name), Ok(mut value)) = (
                 HeaderName::from_bytes(name),
-                HeaderValue::from_maybe_shared(self.head.slice(v0 as usize..v1 as usize)),
+                HeaderValue::from_maybe_shared(self.head.slice_ref(value)),
             ) else {
                 continue;
             };
@@ -323,9 +349,17 @@ impl RawHead {
         if self.te_trailers {
             map.insert(header::TE, HeaderValue::from_static("trailers"));
         }
-        for (name, value) in set {
+        for (name, value) in self.own {
+            map.insert(name, value);
+        }
+        let mut last = None;
+        for (name, value) in held {
             if let Some(name) = name {
-                map.insert(name, value);
+                map.remove(&name);
+                last = Some(name);
+            }
+            if let Some(name) = &last {
+                map.append(name.clone(), value);
             }
         }
     }
@@ -437,6 +471,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         lines: lines.into_boxed_slice(),
         te_trailers,
         framed_twice: te_last.is_some() && has_cl,
+        own: Vec::new(),
     };
     Ok(Some(Parsed::Final(parts, raw, framing, reuse)))
 }
@@ -489,7 +524,7 @@ pub fn parse_response_head(data: &[u8], head_request: bool) {
                 }
                 // Every line that goes on becomes a header for hyper's server.
                 let mut map = HeaderMap::new();
-                raw.append_to(&mut map);
+                raw.clone().append_to(&mut map);
                 assert_eq!(
                     map.len(),
                     raw.forwarded().count() + usize::from(raw.te_trailers())
@@ -1044,9 +1079,20 @@ mod tests {
         let Ok(Some(Parsed::Final(_, raw, _, _))) = parse_head(&mut buf, false) else {
             panic!("not parsed");
         };
+        // Set on the lines (cyan's own server path), or held in the map
+        // the lines go into: the same.
+        let mut set = raw.clone();
+        set.set(
+            HeaderName::from_static("x-color"),
+            HeaderValue::from_static("green"),
+        );
+        assert!(set.forwarded().all(|(n, _)| n != b"X-Color"));
         let mut from_lines = HeaderMap::new();
-        from_lines.insert("x-color", HeaderValue::from_static("green"));
-        raw.append_to(&mut from_lines);
+        set.append_to(&mut from_lines);
+        let mut held = HeaderMap::new();
+        held.insert("x-color", HeaderValue::from_static("green"));
+        raw.clone().append_to(&mut held);
+        assert_eq!(held, from_lines);
 
         let mut map = HeaderMap::new();
         for (n, v) in raw.lines.iter().map(|&l| line_of(&raw.head, l)) {

@@ -166,10 +166,10 @@ where
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     // An answer read by cyan's own client: its lines that go on, as they
-    // came (`RawHead`), but for those cyan set in the map (they replace
-    // them) and the framing this writer sets itself. Hop-by-hop lines
-    // (Connection, Transfer-Encoding among them) were marked out when the
-    // head was read.
+    // came (`RawHead`), but for the framing this writer sets itself and any
+    // name cyan set in the map; then what cyan set on the lines. Hop-by-hop
+    // lines (Connection, Transfer-Encoding among them) were marked out when
+    // the head was read.
     let mut date_sent = false;
     if let Some(raw) = body.raw_head() {
         for (name, value) in raw.forwarded() {
@@ -189,6 +189,12 @@ where
         }
         if raw.te_trailers() {
             out.extend_from_slice(b"te: trailers\r\n");
+        }
+        for (name, value) in raw.own() {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
     }
     for (name, value) in &parts.headers {

@@ -461,20 +461,17 @@ fn respond(
     request_id: HeaderValue,
     conn: &ConnCtx,
 ) -> Response<RespBody> {
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     // A response from cyan's own client comes as its head's lines, the map
     // empty: what is checked below is checked on them, and what cyan sets
-    // goes into the map, to replace lines of the same name when written.
-    let raw = match &body {
-        crate::upstream::UpBody::Raw(_, raw) => Some(raw),
-        crate::upstream::UpBody::Hyper(_) => None,
-    };
+    // is set on them (`RawHead::set`), replacing lines of the same name.
+    // No map is made for it on cyan's own HTTP/1.1 server path.
     // A response framed two ways (RFC 9112 §6.3) is a smuggling attempt or a
     // broken upstream: nothing of it reaches the client and its connection
     // is not reused (stopped at once, nothing more of it read).
-    let framed_twice = match raw {
-        Some(raw) => raw.framed_twice,
-        None => {
+    let framed_twice = match &body {
+        crate::upstream::UpBody::Raw(_, raw) => raw.framed_twice,
+        crate::upstream::UpBody::Hyper(_) => {
             parts.headers.contains_key(header::TRANSFER_ENCODING)
                 && parts.headers.contains_key(header::CONTENT_LENGTH)
         }
@@ -521,21 +518,33 @@ fn respond(
             }
         }
     }
-    headers::strip_hop_by_hop(&mut parts.headers, switching);
     parts.version = client_version;
     parts.extensions = http::Extensions::new();
-    if let Some(h) = &svc.color_header {
-        parts
-            .headers
-            .insert(h.clone(), HeaderValue::from_static(color.as_str()));
-    }
-    match parts.headers.get_mut(&headers::X_REQUEST_ID) {
-        Some(echoed) => headers::never_indexed(echoed),
-        // Echoed among the lines: it goes on (kept out of HPACK's table
-        // when a map is made of them, `RawHead::append_to`).
-        None if raw.is_some_and(|r| r.get(b"x-request-id").is_some()) => {}
-        None => {
-            parts.headers.insert(&headers::X_REQUEST_ID, request_id);
+    match &mut body {
+        crate::upstream::UpBody::Raw(_, raw) => {
+            // Hop-by-hop lines were marked out when the head was read.
+            if let Some(h) = &svc.color_header {
+                raw.set(h.clone(), HeaderValue::from_static(color.as_str()));
+            }
+            // An echoed id goes on (kept out of HPACK's table when a map is
+            // made of the lines, `RawHead::append_to`).
+            if raw.get(b"x-request-id").is_none() {
+                raw.set(headers::X_REQUEST_ID.clone(), request_id);
+            }
+        }
+        crate::upstream::UpBody::Hyper(_) => {
+            headers::strip_hop_by_hop(&mut parts.headers, switching);
+            if let Some(h) = &svc.color_header {
+                parts
+                    .headers
+                    .insert(h.clone(), HeaderValue::from_static(color.as_str()));
+            }
+            match parts.headers.get_mut(&headers::X_REQUEST_ID) {
+                Some(echoed) => headers::never_indexed(echoed),
+                None => {
+                    parts.headers.insert(&headers::X_REQUEST_ID, request_id);
+                }
+            }
         }
     }
     guard.set_response(parts.status.as_u16(), pooled);
