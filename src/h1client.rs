@@ -234,6 +234,9 @@ fn fill(
     tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut (&mut *buf).limit(room))
 }
 
+// Not boxed: a head is parsed into it and taken apart at once, and a box
+// would be one more allocation per response.
+#[allow(clippy::large_enum_variant)]
 enum Parsed {
     Interim,
     Final(http::response::Parts, RawHead, Framing, bool),
