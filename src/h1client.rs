@@ -30,6 +30,12 @@
 //! the connection's close, `Connection: close`, an HTTP/1.0 answer without
 //! keep-alive and bytes past the end of a response all keep the connection
 //! out of the pool.
+//!
+//! A response head is kept as its lines ([`RawHead`]), not a `HeaderMap`:
+//! the hop-by-hop ones are marked out when it is read, what cyan sets
+//! replaces lines of the same name ([`RawHead::set`]), and cyan's own
+//! HTTP/1.1 server writes the rest as they came; hyper's server gets a map
+//! made of them ([`RawHead::append_to`], through `proxy::for_hyper`).
 
 use std::io;
 use std::mem::MaybeUninit;

@@ -23,7 +23,8 @@
 //!              upstream::Upstream::send           pooled h1/h2 connection, one retry
 //!                                                 when nothing was sent; bodiless
 //!                                                 GET/HEAD to plaintext h1 on
-//!                                                 cyan's own client (h1client)
+//!                                                 cyan's own client (h1client),
+//!                                                 its head kept as lines
 //!              body::RespBody                     streams back, records at the end
 //!         ◄─ response, or ProxyError → 4xx/502/503/504 in one place (proxy::error_response)
 //!
