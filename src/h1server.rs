@@ -182,19 +182,13 @@ where
                 continue;
             }
             date_sent |= crate::headers::name_is(name, b"date");
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            header_line(&mut out, name, value);
         }
         if raw.te_trailers() {
             out.extend_from_slice(b"te: trailers\r\n");
         }
         for (name, value) in raw.own() {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            header_line(&mut out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
     for (name, value) in &parts.headers {
@@ -204,10 +198,7 @@ where
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        header_line(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !date_sent && !parts.headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
@@ -282,6 +273,15 @@ where
     }
     drop(body);
     finish(io, &out, close, send_timeout).await
+}
+
+/// Appends `name: value` and its CRLF.
+#[inline]
+pub(crate) fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 async fn finish<IO: AsyncWrite + Unpin>(
