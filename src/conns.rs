@@ -41,6 +41,9 @@ struct Inner {
     slots: Vec<Option<Entry>>,
     free: Vec<usize>,
     len: usize,
+    /// [`ConnSet::abort_all`] has run: a task whose handle is stored
+    /// after it is aborted then.
+    aborted: bool,
 }
 
 #[derive(Debug)]
@@ -96,6 +99,13 @@ impl ConnSet {
         // with this member's own waker takes it.
         let handle = tracker.spawn(task(member));
         let mut inner = self.lock();
+        if inner.aborted {
+            // The deadline passed while it was being spawned. Aborted with
+            // the lock let go: the task leaves the set when dropped.
+            drop(inner);
+            handle.abort();
+            return;
+        }
         if let Some(Some(entry)) = inner.slots.get_mut(slot) {
             if Arc::ptr_eq(&entry.waker, &mine) {
                 entry.abort = Some(handle.abort_handle());
@@ -112,7 +122,9 @@ impl ConnSet {
 
     /// Aborts every member's task (the drain deadline has passed).
     pub fn abort_all(&self) {
-        for entry in self.lock().slots.iter().flatten() {
+        let mut inner = self.lock();
+        inner.aborted = true;
+        for entry in inner.slots.iter().flatten() {
             if let Some(abort) = &entry.abort {
                 abort.abort();
             }
@@ -256,6 +268,21 @@ mod tests {
             .expect("every member left");
         }
         assert!(set.lock().slots.len() <= 10, "{}", set.lock().slots.len());
+    }
+
+    #[tokio::test]
+    async fn a_member_joining_after_the_deadline_is_aborted() {
+        let set = Arc::new(ConnSet::default());
+        let tracker = TaskTracker::new();
+        set.abort_all();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        set.spawn(&tracker, move |member| async move {
+            let _held = (tx, member);
+            std::future::pending::<()>().await;
+        });
+        let gone = tokio::time::timeout(Duration::from_secs(1), rx).await;
+        assert!(matches!(gone, Ok(Err(_))), "its future is dropped");
+        assert!(set.is_empty());
     }
 
     #[tokio::test]

@@ -53,6 +53,9 @@ use tokio::net::TcpStream;
 /// The most response headers accepted (hyper's default too).
 const MAX_HEADERS: usize = 100;
 
+/// The longest header name a `HeaderName` takes (http's limit).
+const MAX_NAME_BYTES: usize = (1 << 16) - 1;
+
 /// The longest chunk-size line (with its extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -398,8 +401,14 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         for h in resp.headers.iter() {
             // httparse takes what a `HeaderName` and a `HeaderValue` take
             // (tokens; tab, visible ASCII and obs-text), as each must become
-            // one for hyper's server. Its slices are of `buf`: the offsets
-            // are exact and below 2^24 (`GOES_ON` is free).
+            // one for hyper's server, but for a name's length, which a
+            // `HeaderName` bounds: a longer one is refused here, as it was
+            // when every line became one.
+            if h.name.len() > MAX_NAME_BYTES {
+                return Err(RawError::Invalid("invalid header name"));
+            }
+            // Its slices are of `buf`: the offsets are exact and below 2^24
+            // (`GOES_ON` is free).
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
             lines.push([
@@ -1070,9 +1079,25 @@ mod tests {
         };
         assert!(raw.framed_twice);
         assert_eq!(framing, Framing::Chunked);
-        // A control byte in a value is refused, as a `HeaderValue` would.
+        // A control byte in a value is refused, as a `HeaderValue` would,
+        // and a name longer than a `HeaderName` takes.
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx: a\x01b\r\n\r\n"[..]);
         assert!(parse_head(&mut buf, false).is_err());
+        for (len, ok) in [(MAX_NAME_BYTES, true), (MAX_NAME_BYTES + 1, false)] {
+            let name = "n".repeat(len);
+            let head = format!("HTTP/1.1 200 OK\r\n{name}: 1\r\ncontent-length: 0\r\n\r\n");
+            let mut buf = BytesMut::from(head.as_bytes());
+            match parse_head(&mut buf, false) {
+                Ok(Some(Parsed::Final(_, raw, _, _))) => {
+                    assert!(ok, "a {len}-byte name was taken");
+                    let mut map = HeaderMap::new();
+                    raw.append_to(&mut map);
+                    assert_eq!(map.len(), 2, "every line becomes a header");
+                }
+                Err(_) => assert!(!ok, "a {len}-byte name was refused"),
+                Ok(_) => panic!("not a final head"),
+            }
+        }
     }
 
     #[test]
