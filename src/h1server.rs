@@ -166,19 +166,18 @@ where
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     // An answer read by cyan's own client: its lines that go on, as they
-    // came (`RawHead`), but for the framing this writer sets itself and any
-    // name cyan set in the map; then what cyan set on the lines. Hop-by-hop
-    // lines (Connection, Transfer-Encoding among them) were marked out when
-    // the head was read.
+    // came (`RawHead`), but for the framing this writer sets itself; then
+    // what cyan set on the lines (`RawHead::set`, which marked out the lines
+    // it replaces; its map stays empty). Hop-by-hop lines (Connection,
+    // Transfer-Encoding among them) were marked out when the head was read.
     let mut date_sent = false;
     if let Some(raw) = body.raw_head() {
+        debug_assert!(
+            parts.headers.is_empty(),
+            "cyan sets a raw answer's headers on its lines"
+        );
         for (name, value) in raw.forwarded() {
-            if (!no_body && crate::headers::name_is(name, b"content-length"))
-                || parts
-                    .headers
-                    .keys()
-                    .any(|k| k.as_str().as_bytes().eq_ignore_ascii_case(name))
-            {
+            if !no_body && crate::headers::name_is(name, b"content-length") {
                 continue;
             }
             date_sent |= crate::headers::name_is(name, b"date");

@@ -164,7 +164,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// Whether a `Connection` header lists `token` (case-insensitive).
-pub(crate) fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
+fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()

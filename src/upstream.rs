@@ -399,7 +399,6 @@ impl Upstream {
         }
     }
 
-    /// Opens a new connection (TCP, optional TLS, HTTP handshake).
     /// A TCP connection to the endpoint (no delay), by `deadline`.
     async fn connect_tcp(
         &self,
@@ -417,6 +416,7 @@ impl Upstream {
         }
     }
 
+    /// Opens a new connection (TCP, optional TLS, HTTP handshake).
     async fn connect(&self) -> Result<Sender, UpstreamError> {
         let addr = self.addr;
         let limit = self.settings.connect_timeout;
