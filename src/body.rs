@@ -300,32 +300,14 @@ pub const CLIENT_CLOSED: u16 = 499;
 pub struct RequestGuard {
     conn: Arc<ConnActivity>,
     upstream: Option<UpstreamPart>,
-    /// Filled only when the access log is on.
-    access: Option<Box<AccessInfo>>,
+    /// Filled only when the access log is on; the box goes to the log
+    /// writer as it is.
+    access: Option<(crate::access_log::AccessLog, Box<AccessInfo>)>,
 }
 
-/// What the access log needs to know about a request, gathered as it goes.
-#[derive(Debug)]
-pub struct AccessInfo {
-    pub log: crate::access_log::AccessLog,
-    pub time: std::time::SystemTime,
-    pub start: Instant,
-    pub client: std::net::SocketAddr,
-    pub method: http::Method,
-    pub uri: http::Uri,
-    pub version: http::Version,
-    pub host: Option<http::HeaderValue>,
-    pub request_id: Option<http::HeaderValue>,
-    pub service: Option<Arc<str>>,
-    pub color: Option<crate::config::Color>,
-    pub reason: Option<&'static str>,
-    pub endpoint: Option<std::net::SocketAddr>,
-    pub generation: u64,
-    pub status: u16,
-    pub error: Option<&'static str>,
-    pub body: Option<BodySent>,
-    pub bytes_out: u64,
-}
+/// What the access log needs to know about a request, gathered as it goes
+/// (the record the log writer formats).
+pub type AccessInfo = crate::access_log::Record;
 
 #[derive(Debug)]
 struct UpstreamPart {
@@ -352,14 +334,14 @@ impl RequestGuard {
     }
 
     /// Turns on access logging for this request.
-    pub fn set_access(&mut self, info: AccessInfo) {
-        self.access = Some(Box::new(info));
+    pub fn set_access(&mut self, log: crate::access_log::AccessLog, info: Box<AccessInfo>) {
+        self.access = Some((log, info));
     }
 
     /// The access record being gathered, when the access log is on.
     #[inline]
     pub fn access(&mut self) -> Option<&mut AccessInfo> {
-        self.access.as_deref_mut()
+        self.access.as_mut().map(|(_, a)| &mut **a)
     }
 
     /// Records that the request is being served by `upstream`: the endpoint
@@ -370,7 +352,7 @@ impl RequestGuard {
         upstream: Arc<Upstream>,
         start: Instant,
     ) {
-        if let Some(a) = self.access.as_deref_mut() {
+        if let Some(a) = self.access() {
             a.endpoint = Some(upstream.addr);
         }
         upstream.in_flight_inc();
@@ -403,7 +385,7 @@ impl RequestGuard {
     /// The status sent to the client and the connection to return to the
     /// pool once the body has been read to its end.
     pub fn set_response(&mut self, status: u16, pooled: Option<Pooled>) {
-        if let Some(a) = self.access.as_deref_mut() {
+        if let Some(a) = self.access() {
             a.status = status;
         }
         if let Some(u) = self.upstream.as_mut() {
@@ -439,33 +421,16 @@ impl RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.conn.request_finished();
-        if let Some(a) = self.access.take() {
-            let a = *a;
-            let bytes_in = a
+        if let Some((log, mut a)) = self.access.take() {
+            a.bytes_in = a
                 .body
-                .as_ref()
+                .take()
                 .map_or(0, |b| b.bytes.load(std::sync::atomic::Ordering::Relaxed));
-            a.log.log(crate::access_log::Record {
-                time: a.time,
-                request_id: a.request_id,
-                client: a.client,
-                method: a.method,
-                host: a.host,
-                uri: a.uri,
-                version: a.version,
-                status: a.status,
-                bytes_in,
-                bytes_out: a.bytes_out,
-                duration: a.start.elapsed(),
-                service: a.service,
-                color: a.color,
-                reason: a.reason,
-                endpoint: a.endpoint,
-                generation: a.generation,
-                error: a
-                    .error
-                    .or(self.upstream.as_ref().filter(|u| u.failed).map(|_| "reset")),
-            });
+            a.duration = a.start.elapsed();
+            a.error = a
+                .error
+                .or(self.upstream.as_ref().filter(|u| u.failed).map(|_| "reset"));
+            log.log(a);
         }
         if let Some(u) = self.upstream.take() {
             u.upstream.in_flight_dec();
@@ -593,10 +558,9 @@ impl RespBody {
                 }
             }
             Poll::Ready(Some(Ok(f))) => {
-                if let (Some(d), Some(a)) = (
-                    f.data_ref(),
-                    self.guard.as_mut().and_then(|g| g.access.as_deref_mut()),
-                ) {
+                if let (Some(d), Some(a)) =
+                    (f.data_ref(), self.guard.as_mut().and_then(|g| g.access()))
+                {
                     a.bytes_out += d.len() as u64;
                 }
                 self.flush_first = self.guard.as_ref().is_some_and(|g| g.conn.holds_bodies());

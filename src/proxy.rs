@@ -116,26 +116,30 @@ pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<ClientIn>) -> Re
     let start = Instant::now();
     let mut guard = RequestGuard::new(conn.activity.clone());
     if let Some(log) = &conn.listener.access_log {
-        guard.set_access(AccessInfo {
-            log: log.clone(),
-            time: std::time::SystemTime::now(),
-            start,
-            client: conn.peer,
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            host: req.headers().get(header::HOST).cloned(),
-            request_id: None,
-            service: None,
-            color: None,
-            reason: None,
-            endpoint: None,
-            generation: 0,
-            status: crate::body::CLIENT_CLOSED,
-            error: None,
-            body: None,
-            bytes_out: 0,
-        });
+        guard.set_access(
+            log.clone(),
+            Box::new(AccessInfo {
+                time: std::time::SystemTime::now(),
+                start,
+                client: conn.peer,
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                version: req.version(),
+                host: req.headers().get(header::HOST).cloned(),
+                request_id: None,
+                service: None,
+                color: None,
+                reason: None,
+                endpoint: None,
+                generation: 0,
+                status: crate::body::CLIENT_CLOSED,
+                error: None,
+                body: None,
+                bytes_out: 0,
+                bytes_in: 0,
+                duration: std::time::Duration::ZERO,
+            }),
+        );
     }
     let host = match headers::check_request(&req, conn.listener.config.max_header_bytes) {
         Ok(h) => h,
