@@ -224,35 +224,65 @@ fn opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 
 /// A JSON string: runs of bytes that need no escape are copied whole.
 /// `s` is UTF-8, so bytes from 0x80 up pass as they are (JSON text is
-/// UTF-8); `"`, `\` and control bytes are escaped.
+/// UTF-8); `"`, `\` and control bytes are escaped. Eight bytes at a time
+/// are checked for one that needs an escape (most strings have none).
 fn string(out: &mut Vec<u8>, s: &str) {
     let b = s.as_bytes();
+    out.reserve(b.len() + 2);
     out.push(b'"');
     let mut run = 0;
-    for (i, &c) in b.iter().enumerate() {
-        if c >= 0x20 && c != b'"' && c != b'\\' {
-            continue;
-        }
-        out.extend_from_slice(&b[run..i]);
-        run = i + 1;
-        match c {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            _ => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(c >> 4)]);
-                out.push(HEX[usize::from(c & 0xf)]);
+    let mut i = 0;
+    while i < b.len() {
+        if let Some(chunk) = b.get(i..i + 8) {
+            let chunk: [u8; 8] = chunk.try_into().unwrap_or_default();
+            if !needs_escape(u64::from_le_bytes(chunk)) {
+                i += 8;
+                continue;
             }
+        }
+        let end = (i + 8).min(b.len());
+        while i < end {
+            let c = b[i];
+            i += 1;
+            if c >= 0x20 && c != b'"' && c != b'\\' {
+                continue;
+            }
+            out.extend_from_slice(&b[run..i - 1]);
+            run = i;
+            escape(out, c);
         }
     }
     out.extend_from_slice(&b[run..]);
     out.push(b'"');
+}
+
+/// Whether any of the eight bytes is a control byte, `"` or `\`.
+#[inline]
+fn needs_escape(v: u64) -> bool {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    // A byte below n sets its high bit in (v - n) & !v (for n <= 0x80).
+    let below = |v: u64, n: u8| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGH;
+    let zero = |v: u64| below(v, 1);
+    below(v, 0x20) | zero(v ^ (ONES * u64::from(b'"'))) | zero(v ^ (ONES * u64::from(b'\\'))) != 0
+}
+
+fn escape(out: &mut Vec<u8>, c: u8) {
+    match c {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        0x08 => out.extend_from_slice(b"\\b"),
+        0x0c => out.extend_from_slice(b"\\f"),
+        _ => {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(c >> 4)]);
+            out.push(HEX[usize::from(c & 0xf)]);
+        }
+    }
 }
 
 fn int(out: &mut Vec<u8>, n: impl itoa::Integer) {
@@ -262,26 +292,35 @@ fn int(out: &mut Vec<u8>, n: impl itoa::Integer) {
 /// An address as a JSON string, `a.b.c.d:port` or `[v6]:port`, as its
 /// `Display` writes it.
 fn addr(out: &mut Vec<u8>, a: SocketAddr) {
-    out.push(b'"');
     match a {
         SocketAddr::V4(v4) => {
-            let [o0, o1, o2, o3] = v4.ip().octets();
-            for (i, o) in [o0, o1, o2, o3].into_iter().enumerate() {
+            // `"255.255.255.255:65535"` is 23 bytes.
+            let mut text = [0u8; 24];
+            let mut n = 0;
+            let mut put = |bytes: &[u8]| {
+                text[n..n + bytes.len()].copy_from_slice(bytes);
+                n += bytes.len();
+            };
+            put(b"\"");
+            for (i, o) in v4.ip().octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push(b'.');
+                    put(b".");
                 }
-                int(out, o);
+                put(itoa::Buffer::new().format(o).as_bytes());
             }
-            out.push(b':');
-            int(out, v4.port());
+            put(b":");
+            put(itoa::Buffer::new().format(v4.port()).as_bytes());
+            put(b"\"");
+            out.extend_from_slice(&text[..n]);
         }
         // Display handles compression and scope ids; no character of it
         // needs a JSON escape.
         SocketAddr::V6(v6) => {
+            out.push(b'"');
             let _ = write!(out, "{v6}");
+            out.push(b'"');
         }
     }
-    out.push(b'"');
 }
 
 /// Milliseconds with microsecond precision, in the shortest form that
@@ -511,7 +550,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(512))]
         #[test]
         fn every_line_holds_the_values_serde_json_wrote(
-            service in "\\PC{0,12}|[\\x00-\\x7f]{0,12}",
+            service in "\\PC{0,40}|[\\x00-\\x7f]{0,40}",
             path in "/[a-zA-Z0-9._~%!$&'()*+,;=:@/-]{0,20}",
             v4 in any::<[u8; 4]>(),
             v6 in any::<[u16; 8]>(),
@@ -532,6 +571,29 @@ mod tests {
                 return Err(TestCaseError::fail(e));
             }
         }
+    }
+
+    #[test]
+    fn eight_bytes_at_a_time_find_every_byte_that_needs_an_escape() {
+        for c in 0..=255u8 {
+            let want = c < 0x20 || c == b'"' || c == b'\\';
+            for at in 0..8 {
+                for fill in [b'a', 0x80, 0xff, b'!', b'#', b'['] {
+                    let mut chunk = [fill; 8];
+                    chunk[at] = c;
+                    assert_eq!(
+                        needs_escape(u64::from_le_bytes(chunk)),
+                        want,
+                        "{c:#x} at {at} in {fill:#x}"
+                    );
+                }
+            }
+        }
+        let long = "a".repeat(21) + "\"" + &"b".repeat(9) + "\u{7}";
+        let mut out = Vec::new();
+        string(&mut out, &long);
+        let back: String = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back, long);
     }
 
     #[test]
