@@ -573,10 +573,8 @@ fn content_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<u64, Raw
             if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
                 return Err(RawError::Invalid("invalid Content-Length"));
             }
-            let n: u64 = std::str::from_utf8(part)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or(RawError::Invalid("invalid Content-Length"))?;
+            // At most 19 digits: below 10^19, inside a u64.
+            let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
             if found.is_some_and(|f| f != n) {
                 return Err(RawError::Invalid("conflicting Content-Length"));
             }
@@ -924,6 +922,31 @@ mod tests {
         }
         let reusable = body.take_conn().is_some();
         Ok((parts.status.as_u16(), data, trailers, reusable))
+    }
+
+    #[test]
+    fn content_length_values_are_whole_decimal_numbers_that_agree() {
+        let cl = |vs: &[&str]| content_length(vs.iter().map(|v| v.as_bytes())).ok();
+        assert_eq!(cl(&["0"]), Some(0));
+        assert_eq!(cl(&[" 42 "]), Some(42));
+        assert_eq!(cl(&["7, 7", "7"]), Some(7));
+        assert_eq!(
+            cl(&["9999999999999999999"]),
+            Some(9_999_999_999_999_999_999)
+        );
+        assert_eq!(cl(&["00012"]), Some(12));
+        for bad in [
+            &["18446744073709551616"][..],
+            &["1,2"],
+            &["1", "2"],
+            &["-1"],
+            &["1 2"],
+            &[""],
+            &["１"],
+            &[],
+        ] {
+            assert_eq!(cl(bad), None, "{bad:?}");
+        }
     }
 
     #[tokio::test]
