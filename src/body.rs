@@ -56,7 +56,9 @@ pub type BodySent = Arc<BodyProgress>;
 pub enum ReqBody {
     Empty,
     Full(Option<Bytes>),
-    Client(ClientBody),
+    /// Boxed: inline it made every request 440 bytes instead of 264, and a
+    /// request is held (and moved) by each future on its way upstream.
+    Client(Box<ClientBody>),
 }
 
 /// The client's request body with an idle timeout.
@@ -101,7 +103,7 @@ impl ReqBody {
             trailers: None,
             inner_done: false,
         };
-        (ReqBody::Client(body), Some(sent))
+        (ReqBody::Client(Box::new(body)), Some(sent))
     }
 
     /// Reads a client body ahead, before an upstream connection is taken:

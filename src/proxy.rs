@@ -20,6 +20,7 @@
 //! | client body idle longer than `body_idle_timeout` | 408 |
 //! | client body broken off while read ahead | 400 |
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,7 +37,7 @@ use crate::config::{Color, ListenerConfig, Protocol};
 use crate::headers::{self, Reject};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::server::ConnActivity;
-use crate::table::{Service, Table};
+use crate::table::{RoutingTable, Service, Table};
 use crate::upstream::{SendFailure, UpstreamError};
 
 /// Statuses cyan answers itself, for the rejection counter.
@@ -112,7 +113,49 @@ pub enum ClientIn {
 }
 
 /// Handles one request. Never fails: every error is a response.
-pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<ClientIn>) -> Response<RespBody> {
+///
+/// Not an `async fn`: the checks and the routing run when it is called,
+/// and the future it returns holds only the step that follows (an answer,
+/// the forwarding, or a body read ahead first, boxed). As an `async fn`
+/// its future kept the request (twice, moved from) and the admission's
+/// locals beside the forwarding's future: 5,512 bytes, each one copied as
+/// the request's future is boxed (`-Zprint-type-sizes`, callgrind).
+pub fn handle<'a>(
+    table: &'a Table,
+    conn: &'a ConnCtx,
+    req: Request<ClientIn>,
+) -> impl Future<Output = Response<RespBody>> + Send + 'a {
+    use futures_util::future::{ready, Either};
+    match admit(table, conn, req) {
+        Admitted::Answer(resp) => Either::Left(ready(resp)),
+        Admitted::Forward(f) => Either::Right(Either::Left(forward(conn, f))),
+        Admitted::ReadAhead(f) => {
+            Either::Right(Either::Right(Box::pin(read_ahead(table, conn, f))))
+        }
+    }
+}
+
+/// A request admitted and routed: what forwarding it takes.
+struct Forward {
+    /// The table it was routed on; `service` indexes its services.
+    snapshot: Arc<RoutingTable>,
+    service: usize,
+    req: Request<ReqBody>,
+    body_sent: Option<crate::body::BodySent>,
+    guard: RequestGuard,
+    start: Instant,
+}
+
+enum Admitted {
+    /// Refused: cyan's own answer.
+    Answer(Response<RespBody>),
+    Forward(Forward),
+    /// Its body is read ahead first (`request_buffer_bytes`).
+    ReadAhead(Forward),
+}
+
+/// Checks and routes a request, without waiting on anything.
+fn admit(table: &Table, conn: &ConnCtx, req: Request<ClientIn>) -> Admitted {
     let start = Instant::now();
     let mut guard = RequestGuard::new(conn.activity.clone());
     if let Some(log) = &conn.listener.access_log {
@@ -143,22 +186,17 @@ pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<ClientIn>) -> Re
     }
     let host = match headers::check_request(&req, conn.listener.config.max_header_bytes) {
         Ok(h) => h,
-        Err(r) => return reject(conn, r, guard),
+        Err(r) => return Admitted::Answer(reject(conn, r, guard)),
     };
     let snapshot = table.load();
     if let Some(a) = guard.access() {
         a.generation = snapshot.generation;
     }
-    let Some(svc) = snapshot.route(conn.listener.index, host, req.uri().path()) else {
-        return reject(conn, NO_ROUTE, guard);
+    let Some(service) = snapshot.route_index(conn.listener.index, host, req.uri().path()) else {
+        return Admitted::Answer(reject(conn, NO_ROUTE, guard));
     };
-
-    // Read a small body (or a body's first bytes) before a color and an
-    // endpoint are chosen and an upstream connection is taken: a client
-    // trickling its body costs no connect, and the choice is made on the
-    // table and the pools' health as they are when the request can go.
     let (parts, body) = req.into_parts();
-    let (mut body, body_sent) = match body {
+    let (body, body_sent) = match body {
         ClientIn::Hyper(b) => ReqBody::client(
             b,
             conn.listener.config.body_idle_timeout,
@@ -169,34 +207,48 @@ pub async fn handle(table: &Table, conn: &ConnCtx, req: Request<ClientIn>) -> Re
     if let Some(a) = guard.access() {
         a.body = body_sent.clone();
     }
-    let buffer = conn.listener.config.request_buffer_bytes;
-    let mut moved = None;
-    if buffer > 0 && body_sent.is_some() && !headers::is_grpc(&parts.headers) {
-        if let Err(e) = body.buffer(buffer).await {
-            return client_body_error(conn, &e, guard);
-        }
-        let now = table.load();
-        if now.generation != snapshot.generation {
-            moved = Some(now);
-        }
-    }
-    let req = Request::from_parts(parts, body);
-    let svc = match &moved {
-        None => svc,
-        // The table moved while the body came: route again on it (the head
-        // was checked above).
-        Some(now) => {
-            if let Some(a) = guard.access() {
-                a.generation = now.generation;
-            }
-            let host = headers::request_host(&req).unwrap_or("");
-            let Some(svc) = now.route(conn.listener.index, host, req.uri().path()) else {
-                return reject(conn, NO_ROUTE, guard);
-            };
-            svc
-        }
+    let read_ahead = conn.listener.config.request_buffer_bytes > 0
+        && body_sent.is_some()
+        && !headers::is_grpc(&parts.headers);
+    let f = Forward {
+        snapshot,
+        service,
+        req: Request::from_parts(parts, body),
+        body_sent,
+        guard,
+        start,
     };
-    forward(svc, conn, req, body_sent, guard, start).await
+    if read_ahead {
+        Admitted::ReadAhead(f)
+    } else {
+        Admitted::Forward(f)
+    }
+}
+
+/// Reads a small body (or a body's first bytes) before a color and an
+/// endpoint are chosen and an upstream connection is taken: a client
+/// trickling its body costs no connect, and the choice is made on the table
+/// and the pools' health as they are when the request can go.
+async fn read_ahead(table: &Table, conn: &ConnCtx, mut f: Forward) -> Response<RespBody> {
+    let limit = conn.listener.config.request_buffer_bytes;
+    if let Err(e) = f.req.body_mut().buffer(limit).await {
+        return client_body_error(conn, &e, f.guard);
+    }
+    let now = table.load();
+    if now.generation != f.snapshot.generation {
+        // The table moved while the body came: route again on it (the head
+        // was checked before).
+        if let Some(a) = f.guard.access() {
+            a.generation = now.generation;
+        }
+        let host = headers::request_host(&f.req).unwrap_or("");
+        let Some(service) = now.route_index(conn.listener.index, host, f.req.uri().path()) else {
+            return reject(conn, NO_ROUTE, f.guard);
+        };
+        f.snapshot = now;
+        f.service = service;
+    }
+    forward(conn, f).await
 }
 
 const NO_ROUTE: Reject = Reject {
@@ -241,54 +293,139 @@ fn text_response(status: StatusCode, reason: &str, mut guard: RequestGuard) -> R
     resp
 }
 
-async fn forward(
+/// Not an `async fn`: one stores its arguments twice (as captured and as
+/// locals), and this future is part of every request's.
+#[allow(clippy::manual_async_fn)]
+fn forward<'a>(
+    conn: &'a ConnCtx,
+    mut f: Forward,
+) -> impl Future<Output = Response<RespBody>> + Send + 'a {
+    async move {
+        // Fields are used in place, not destructured: locals would be copies
+        // the future holds beside `f`.
+        let svc = &f.snapshot.services[f.service];
+        if let Some(a) = f.guard.access() {
+            a.service = Some(svc.name.clone());
+        }
+        let client_ip = headers::client_ip(f.req.headers(), conn.peer.ip(), &conn.listener.config);
+        let (color, reason) = svc.split.choose(f.req.headers(), client_ip);
+        let pool = svc.pool(color);
+        // Every endpoint of the chosen pool out: the other color takes the
+        // request when it can (service `fallback`, on by default).
+        let picked = match pool.pick(None) {
+            Some(i) => Some((color, i)),
+            None if svc.config.fallback => svc
+                .pool(color.other())
+                .pick(None)
+                .map(|i| (color.other(), i)),
+            None => None,
+        };
+        if let Some(a) = f.guard.access() {
+            a.color = Some(picked.map_or(color, |(c, _)| c));
+            a.reason = Some(match picked {
+                Some((c, _)) if c != color => "fallback",
+                _ => reason.as_str(),
+            });
+        }
+        let Some((color, idx)) = picked else {
+            tracing::warn!(service = %svc.name, %color, "no eligible endpoint");
+            if let Some(a) = f.guard.access() {
+                a.error = Some("no_endpoint");
+            }
+            let mut resp = text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy endpoint",
+                f.guard,
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            pool.metrics.count_status(503);
+            return resp;
+        };
+
+        let (client_version, client_upgrade, host_value, request_id, mut up_req) =
+            rewrite_head(svc, conn, f.req, &mut f.guard);
+
+        let mut color = color;
+        let mut idx = idx;
+        let mut retried = false;
+        loop {
+            let pool = svc.pool(color);
+            let endpoint = &pool.endpoints[idx];
+            let protocol = endpoint.upstream.settings.protocol;
+            shape_for_upstream(
+                &mut up_req,
+                protocol,
+                &host_value,
+                endpoint.upstream.settings.tls.is_some(),
+            );
+            f.guard
+                .attach_upstream(pool.metrics.clone(), endpoint.upstream.clone(), f.start);
+            match endpoint.upstream.send(up_req, f.body_sent.as_ref()).await {
+                Ok((resp, pooled)) => {
+                    return respond(
+                        svc,
+                        color,
+                        resp,
+                        pooled,
+                        f.guard,
+                        client_version,
+                        client_upgrade,
+                        request_id,
+                        conn,
+                    );
+                }
+                Err(SendFailure {
+                    error,
+                    request: Some(r),
+                }) if error.before_send() && !retried => {
+                    pool.metrics.count_error(error_kind(&error));
+                    pool.metrics.retries.inc();
+                    tracing::warn!(service = %svc.name, %color, endpoint = %endpoint.addr, error = %error, "retrying on another endpoint");
+                    // Same color first, then the other color.
+                    let next = match pool.pick(Some(idx)) {
+                        Some(i) => Some((color, i)),
+                        None => svc
+                            .pool(color.other())
+                            .pick(None)
+                            .map(|i| (color.other(), i)),
+                    };
+                    let Some((c, i)) = next else {
+                        return upstream_error(svc, color, endpoint.addr, &error, f.guard);
+                    };
+                    f.guard.detach_upstream();
+                    up_req = r;
+                    color = c;
+                    idx = i;
+                    retried = true;
+                }
+                Err(failure) => {
+                    pool.metrics.count_error(error_kind(&failure.error));
+                    return upstream_error(svc, color, endpoint.addr, &failure.error, f.guard);
+                }
+            }
+        }
+    }
+}
+
+/// The head as it goes upstream: hop-by-hop headers and a secret override
+/// header out, forwarding headers and an X-Request-Id in. Returns the
+/// client's version, its upgrade (if it asked for one), the Host value, the
+/// request id and the request. A function of its own so that what it uses
+/// is not kept in the forwarding future while the upstream answers.
+fn rewrite_head(
     svc: &Service,
     conn: &ConnCtx,
     req: Request<ReqBody>,
-    body_sent: Option<crate::body::BodySent>,
-    mut guard: RequestGuard,
-    start: Instant,
-) -> Response<RespBody> {
-    if let Some(a) = guard.access() {
-        a.service = Some(svc.name.clone());
-    }
+    guard: &mut RequestGuard,
+) -> (
+    Version,
+    Option<OnUpgrade>,
+    HeaderValue,
+    HeaderValue,
+    Request<ReqBody>,
+) {
     let (mut parts, body) = req.into_parts();
-    let client_ip = headers::client_ip(&parts.headers, conn.peer.ip(), &conn.listener.config);
-    let (color, reason) = svc.split.choose(&parts.headers, client_ip);
-    let pool = svc.pool(color);
-    // Every endpoint of the chosen pool out: the other color takes the
-    // request when it can (service `fallback`, on by default).
-    let picked = match pool.pick(None) {
-        Some(i) => Some((color, i)),
-        None if svc.config.fallback => svc
-            .pool(color.other())
-            .pick(None)
-            .map(|i| (color.other(), i)),
-        None => None,
-    };
-    if let Some(a) = guard.access() {
-        a.color = Some(picked.map_or(color, |(c, _)| c));
-        a.reason = Some(match picked {
-            Some((c, _)) if c != color => "fallback",
-            _ => reason.as_str(),
-        });
-    }
-    let Some((color, idx)) = picked else {
-        tracing::warn!(service = %svc.name, %color, "no eligible endpoint");
-        if let Some(a) = guard.access() {
-            a.error = Some("no_endpoint");
-        }
-        let mut resp = text_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no healthy endpoint",
-            guard,
-        );
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        pool.metrics.count_status(503);
-        return resp;
-    };
-
     let client_version = parts.version;
     let upgrade = headers::is_upgrade_request(&parts.headers, parts.version);
     let client_upgrade = if upgrade {
@@ -322,66 +459,13 @@ async fn forward(
         a.request_id = Some(request_id.clone());
     }
     parts.extensions = http::Extensions::new();
-    let mut up_req = Request::from_parts(parts, body);
-
-    let mut color = color;
-    let mut idx = idx;
-    let mut retried = false;
-    loop {
-        let pool = svc.pool(color);
-        let endpoint = &pool.endpoints[idx];
-        let protocol = endpoint.upstream.settings.protocol;
-        shape_for_upstream(
-            &mut up_req,
-            protocol,
-            &host_value,
-            endpoint.upstream.settings.tls.is_some(),
-        );
-        guard.attach_upstream(pool.metrics.clone(), endpoint.upstream.clone(), start);
-        match endpoint.upstream.send(up_req, body_sent.as_ref()).await {
-            Ok((resp, pooled)) => {
-                return respond(
-                    svc,
-                    color,
-                    resp,
-                    pooled,
-                    guard,
-                    client_version,
-                    client_upgrade,
-                    request_id,
-                    conn,
-                );
-            }
-            Err(SendFailure {
-                error,
-                request: Some(r),
-            }) if error.before_send() && !retried => {
-                pool.metrics.count_error(error_kind(&error));
-                pool.metrics.retries.inc();
-                tracing::warn!(service = %svc.name, %color, endpoint = %endpoint.addr, error = %error, "retrying on another endpoint");
-                // Same color first, then the other color.
-                let next = match pool.pick(Some(idx)) {
-                    Some(i) => Some((color, i)),
-                    None => svc
-                        .pool(color.other())
-                        .pick(None)
-                        .map(|i| (color.other(), i)),
-                };
-                let Some((c, i)) = next else {
-                    return upstream_error(svc, color, endpoint.addr, &error, guard);
-                };
-                guard.detach_upstream();
-                up_req = r;
-                color = c;
-                idx = i;
-                retried = true;
-            }
-            Err(failure) => {
-                pool.metrics.count_error(error_kind(&failure.error));
-                return upstream_error(svc, color, endpoint.addr, &failure.error, guard);
-            }
-        }
-    }
+    (
+        client_version,
+        client_upgrade,
+        host_value,
+        request_id,
+        Request::from_parts(parts, body),
+    )
 }
 
 /// A client body that failed while cyan read it ahead (no upstream was

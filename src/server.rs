@@ -893,13 +893,14 @@ impl Connection {
         // While the answer is awaited the client is watched, as hyper does:
         // one that leaves drops the request (counted 499, never an upstream
         // failure). Bytes it sends meanwhile (a pipelined request) are kept.
-        let handling = proxy::handle(&self.table, conn, req);
-        tokio::pin!(handling);
+        // Pinned where it is made: `tokio::pin!` on a binding moved the
+        // whole future (kilobytes) once more.
+        let mut handling = std::pin::pin!(proxy::handle(&self.table, conn, req));
         let mut more = BytesMut::new();
         let resp = loop {
             tokio::select! {
                 biased;
-                r = &mut handling => break r,
+                r = handling.as_mut() => break r,
                 r = io.wait_readable(), if more.len() < h1server::READ_BYTES => {
                     if r.is_err() {
                         return Fast::End;

@@ -314,12 +314,19 @@ impl RoutingTable {
     /// longest path prefix. `host` may carry a port.
     #[inline]
     pub fn route(&self, listener: usize, host: &str, path: &str) -> Option<&Service> {
+        self.route_index(listener, host, path)
+            .map(|i| &self.services[i])
+    }
+
+    /// [`RoutingTable::route`] as an index into `services`.
+    #[inline]
+    pub fn route_index(&self, listener: usize, host: &str, path: &str) -> Option<usize> {
         let host = host_without_port(host);
         self.routes
             .get(listener)?
             .iter()
             .find(|e| e.matches(host, path))
-            .map(|e| &self.services[e.service])
+            .map(|e| e.service)
     }
 
     /// Applies a command to a copy of this table: `Ok(None)` when it would

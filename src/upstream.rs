@@ -23,6 +23,7 @@
 //! closed is seen before it is used ([`RawConn::alive`]) and dropped; a
 //! request written is never sent again, as with hyper.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -452,14 +453,31 @@ impl Upstream {
     ///
     /// The response timer starts when `body_sent` fires (the client's body
     /// has been read to its end) or at once for bodiless requests.
-    pub async fn send(
+    ///
+    /// Not an `async fn`, and hyper's branch boxed: an `async fn` stores its
+    /// arguments twice (as captured and as locals), and the request's
+    /// future, copied as it is boxed per request, held hyper's branch
+    /// (~1.5 KiB) where cyan's own client needs less.
+    pub fn send<'a>(
+        self: &'a Arc<Self>,
+        req: Request<ReqBody>,
+        body_sent: Option<&'a BodySent>,
+    ) -> impl Future<Output = Result<(Response<UpBody>, Option<Pooled>), SendFailure>> + Send + 'a
+    {
+        use futures_util::future::Either;
+        if self.raw && h1client::eligible(&req) {
+            Either::Left(self.send_raw(req))
+        } else {
+            Either::Right(Box::pin(self.send_hyper(req, body_sent)))
+        }
+    }
+
+    /// [`Upstream::send`] through hyper's client.
+    async fn send_hyper(
         self: &Arc<Self>,
         mut req: Request<ReqBody>,
         body_sent: Option<&BodySent>,
     ) -> Result<(Response<UpBody>, Option<Pooled>), SendFailure> {
-        if self.raw && h1client::eligible(&req) {
-            return self.send_raw(req).await;
-        }
         let addr = self.addr;
         // Pooled connections may turn out closed; each such attempt gives the
         // request back untouched. Bounded so a broken endpoint cannot spin.
@@ -534,63 +552,68 @@ impl Upstream {
 
     /// A bodiless GET or HEAD on cyan's own client ([`crate::h1client`]).
     /// The body of the answer owns the socket and hands it back at its end.
-    async fn send_raw(
-        self: &Arc<Self>,
+    /// Not an `async fn`, for the reason given at [`Upstream::send`].
+    #[allow(clippy::manual_async_fn)]
+    fn send_raw<'a>(
+        self: &'a Arc<Self>,
         req: Request<ReqBody>,
-    ) -> Result<(Response<UpBody>, Option<Pooled>), SendFailure> {
-        let addr = self.addr;
-        let mut head = Vec::with_capacity(512);
-        h1client::encode_head(&req, &mut head);
-        let head_request = req.method() == http::Method::HEAD;
-        let limit = self.settings.read_buffer_bytes;
-        let after = self.settings.response_timeout;
-        // A pooled socket is taken only if the endpoint has not closed it
-        // (`RawConn::alive`); once the head is written the request is never
-        // sent again, whatever happens: it may have reached the endpoint.
-        let (mut conn, fresh) = match self.raw_checkout() {
-            Some(c) => (c, false),
-            None => match Box::pin(self.connect_raw()).await {
-                Ok(c) => (c, true),
-                Err(error) => {
-                    return Err(SendFailure {
-                        error,
-                        request: Some(req),
+    ) -> impl Future<Output = Result<(Response<UpBody>, Option<Pooled>), SendFailure>> + Send + 'a
+    {
+        async move {
+            let addr = self.addr;
+            let mut head = Vec::with_capacity(512);
+            h1client::encode_head(&req, &mut head);
+            let head_request = req.method() == http::Method::HEAD;
+            let limit = self.settings.read_buffer_bytes;
+            let after = self.settings.response_timeout;
+            // A pooled socket is taken only if the endpoint has not closed it
+            // (`RawConn::alive`); once the head is written the request is never
+            // sent again, whatever happens: it may have reached the endpoint.
+            let (mut conn, fresh) = match self.raw_checkout() {
+                Some(c) => (c, false),
+                None => match Box::pin(self.connect_raw()).await {
+                    Ok(c) => (c, true),
+                    Err(error) => {
+                        return Err(SendFailure {
+                            error,
+                            request: Some(req),
+                        })
+                    }
+                },
+            };
+            let mut timer = conn.take_timer(after);
+            let answer = {
+                let exchange = async {
+                    conn.write(&head).await?;
+                    conn.read_head(limit, head_request).await
+                };
+                tokio::select! {
+                    // Biased, as `timeout` is: an answer that is here wins.
+                    biased;
+                    r = exchange => Ok(r),
+                    _ = &mut timer => Err(()),
+                }
+            };
+            conn.keep_timer(timer);
+            match answer {
+                Err(()) => Err(SendFailure {
+                    error: UpstreamError::ResponseTimeout { addr, after },
+                    request: None,
+                }),
+                Ok(Ok((parts, raw, framing, reuse))) => {
+                    let body = RawBody::new(conn, framing, reuse, limit);
+                    Ok((Response::from_parts(parts, UpBody::Raw(body, raw)), None))
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(endpoint = %addr, fresh, error = %e, "upstream exchange failed");
+                    Err(SendFailure {
+                        error: UpstreamError::Exchange {
+                            addr,
+                            source: Box::new(e),
+                        },
+                        request: None,
                     })
                 }
-            },
-        };
-        let mut timer = conn.take_timer(after);
-        let answer = {
-            let exchange = async {
-                conn.write(&head).await?;
-                conn.read_head(limit, head_request).await
-            };
-            tokio::select! {
-                // Biased, as `timeout` is: an answer that is here wins.
-                biased;
-                r = exchange => Ok(r),
-                _ = &mut timer => Err(()),
-            }
-        };
-        conn.keep_timer(timer);
-        match answer {
-            Err(()) => Err(SendFailure {
-                error: UpstreamError::ResponseTimeout { addr, after },
-                request: None,
-            }),
-            Ok(Ok((parts, raw, framing, reuse))) => {
-                let body = RawBody::new(conn, framing, reuse, limit);
-                Ok((Response::from_parts(parts, UpBody::Raw(body, raw)), None))
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(endpoint = %addr, fresh, error = %e, "upstream exchange failed");
-                Err(SendFailure {
-                    error: UpstreamError::Exchange {
-                        addr,
-                        source: Box::new(e),
-                    },
-                    request: None,
-                })
             }
         }
     }
