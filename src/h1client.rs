@@ -54,7 +54,7 @@ use tokio::net::TcpStream;
 const MAX_HEADERS: usize = 100;
 
 /// The longest header name a `HeaderName` takes (http's limit).
-const MAX_NAME_BYTES: usize = (1 << 16) - 1;
+pub(crate) const MAX_NAME_BYTES: usize = (1 << 16) - 1;
 
 /// The longest chunk-size line (with its extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
@@ -85,8 +85,9 @@ pub fn eligible<B: Body>(req: &Request<B>) -> bool {
 }
 
 /// The request head as sent: origin-form target, HTTP/1.1, the headers as
-/// they are (lower-case names, as hyper writes them).
-pub fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
+/// they are: the map's (lower-case names, as hyper writes them), then
+/// `lines` (names as the client wrote them).
+pub fn encode_head<B>(req: &Request<B>, lines: Option<&RawHead>, out: &mut Vec<u8>) {
     let target = req
         .uri()
         .path_and_query()
@@ -98,6 +99,9 @@ pub fn encode_head<B>(req: &Request<B>, out: &mut Vec<u8>) {
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in req.headers() {
         crate::h1server::header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(l) = lines {
+        l.write_lines(out);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -284,9 +288,52 @@ pub struct RawHead {
 const GOES_ON: u32 = 1 << 31;
 
 impl RawHead {
+    /// A request head as cyan's own server read it ([`crate::h1server`]):
+    /// `lines` are offsets into `head`, every line going on until
+    /// [`FieldsMut::strip`](crate::headers::FieldsMut::strip) marks the
+    /// hop-by-hop ones out.
+    pub(crate) fn request(head: Bytes, lines: Vec<[u32; 4]>) -> RawHead {
+        let mut lines = lines.into_boxed_slice();
+        for l in lines.iter_mut() {
+            l[1] |= GOES_ON;
+        }
+        RawHead {
+            head,
+            lines,
+            ..RawHead::default()
+        }
+    }
+
+    /// The first value of `name` that goes on, as a `HeaderValue` sharing
+    /// the head's bytes (or the one cyan set).
+    pub fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
+        if let Some((_, v)) = self.own.iter().find(|(n, _)| n == name) {
+            return Some(v.clone());
+        }
+        let lower = name.as_str().as_bytes();
+        let (_, v) = self
+            .forwarded()
+            .find(|(n, _)| n.len() == lower.len() && n.eq_ignore_ascii_case(lower))?;
+        HeaderValue::from_maybe_shared(self.head.slice_ref(v)).ok()
+    }
+
+    /// Writes the lines that go on, `te: trailers` if it goes in their
+    /// place, then what cyan set, as HTTP/1.1 header lines.
+    pub fn write_lines(&self, out: &mut Vec<u8>) {
+        for (name, value) in self.forwarded() {
+            crate::h1server::header_line(out, name, value);
+        }
+        if self.te_trailers {
+            out.extend_from_slice(b"te: trailers\r\n");
+        }
+        for (name, value) in &self.own {
+            crate::h1server::header_line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+
     /// The lines that go on (names as they came), in order: not
     /// hop-by-hop, and not replaced by what cyan set ([`RawHead::own`]).
-    pub fn forwarded(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+    pub fn forwarded(&self) -> impl DoubleEndedIterator<Item = (&[u8], &[u8])> + '_ {
         self.lines
             .iter()
             .filter(|l| l[1] & GOES_ON != 0)
@@ -297,15 +344,21 @@ impl RawHead {
     /// (marked out now, once) and an earlier value cyan set for it, as an
     /// insert into a map does.
     pub fn set(&mut self, name: HeaderName, value: HeaderValue) {
+        self.mark_out(&name);
+        match self.own.iter_mut().find(|(n, _)| *n == name) {
+            Some(own) => own.1 = value,
+            None => self.own.push((name, value)),
+        }
+    }
+
+    /// Marks the lines named `name` out.
+    #[inline]
+    fn mark_out(&mut self, name: &HeaderName) {
         let lower = name.as_str().as_bytes();
         for l in self.lines.iter_mut() {
             if l[1] & GOES_ON != 0 && line_of(&self.head, *l).0.eq_ignore_ascii_case(lower) {
                 l[1] &= !GOES_ON;
             }
-        }
-        match self.own.iter_mut().find(|(n, _)| *n == name) {
-            Some(own) => own.1 = value,
-            None => self.own.push((name, value)),
         }
     }
 
@@ -371,6 +424,72 @@ impl RawHead {
                 map.append(name.clone(), value);
             }
         }
+    }
+}
+
+/// Reads see the head as it stands: the lines that go on, then what cyan
+/// set. Names compare without regard to case.
+impl crate::headers::Fields for RawHead {
+    fn values<'s>(
+        &'s self,
+        name: &'s HeaderName,
+    ) -> impl DoubleEndedIterator<Item = &'s [u8]> + 's {
+        let lower = name.as_str().as_bytes();
+        self.forwarded()
+            .filter(move |(n, _)| n.len() == lower.len() && n.eq_ignore_ascii_case(lower))
+            .map(|(_, v)| v)
+            .chain(
+                self.own
+                    .iter()
+                    .filter(move |(n, _)| n == name)
+                    .map(|(_, v)| v.as_bytes()),
+            )
+    }
+
+    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.forwarded().chain(
+            self.own
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+        )
+    }
+}
+
+impl crate::headers::FieldsMut for RawHead {
+    fn set(&mut self, name: &HeaderName, value: HeaderValue) {
+        RawHead::set(self, name.clone(), value);
+    }
+
+    fn remove(&mut self, name: &HeaderName) {
+        self.mark_out(name);
+        self.own.retain(|(n, _)| n != name);
+    }
+
+    /// The same rule as the map's strip ([`crate::headers::hop_by_hop_lines`]).
+    /// A head held as lines never asks for an upgrade (cyan's own server
+    /// leaves those to hyper), so `keep_upgrade` is never set.
+    fn strip(&mut self, keep_upgrade: bool) {
+        debug_assert!(!keep_upgrade, "an upgrade request held as lines");
+        let (keep, te_trailers) = {
+            let (head, lines) = (&self.head, &self.lines);
+            crate::headers::hop_by_hop_lines(lines.len(), |i| line_of(head, lines[i]))
+        };
+        for (i, l) in self.lines.iter_mut().enumerate() {
+            if keep & (1 << i) == 0 {
+                l[1] &= !GOES_ON;
+            }
+        }
+        self.te_trailers = te_trailers;
+    }
+
+    fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
+        RawHead::value(self, name)
+    }
+
+    fn sensitive(&mut self, name: &HeaderName) -> Option<HeaderValue> {
+        let mut v = RawHead::value(self, name)?;
+        crate::headers::never_indexed(&mut v);
+        Some(v)
     }
 }
 
@@ -1019,6 +1138,130 @@ mod tests {
     }
 
     /// Status, reuse and the names of the lines that go on, for one head.
+    /// A request head as cyan's own server holds it, and as a map.
+    fn request_both(lines: &[(&str, &str)]) -> (RawHead, HeaderMap) {
+        let mut text = b"GET / HTTP/1.1\r\n".to_vec();
+        let mut offsets = Vec::new();
+        let mut map = HeaderMap::new();
+        for (n, v) in lines {
+            let n0 = text.len();
+            text.extend_from_slice(n.as_bytes());
+            text.extend_from_slice(b": ");
+            let v0 = text.len();
+            text.extend_from_slice(v.as_bytes());
+            text.extend_from_slice(b"\r\n");
+            offsets.push([
+                n0 as u32,
+                (n0 + n.len()) as u32,
+                v0 as u32,
+                (v0 + v.len()) as u32,
+            ]);
+            map.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        text.extend_from_slice(b"\r\n");
+        (RawHead::request(Bytes::from(text), offsets), map)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// The request path reads and rewrites a head held as lines as it
+        /// does a map: the same answers to every lookup, and the same
+        /// headers going upstream, whichever client sends them.
+        #[test]
+        fn a_head_held_as_lines_is_read_and_rewritten_as_the_map_is(
+            picks in proptest::collection::vec((0usize..20, 0usize..16), 0..9),
+            trusted in proptest::bool::ANY,
+            tls in proptest::bool::ANY,
+            drop_override in proptest::bool::ANY,
+        ) {
+            use crate::headers::{self, Fields, FieldsMut};
+            const NAMES: [&str; 20] = [
+                "Host", "host", "X-Forwarded-For", "x-forwarded-for", "X-Forwarded-Proto",
+                "x-forwarded-host", "X-Request-Id", "Connection", "Keep-Alive", "TE",
+                "Proxy-Connection", "Cookie", "X-Custom", "x-custom", "Accept", "X-Override",
+                "Upgrade", "Transfer-Encoding", "Content-Type", "X-Forwarded-Host",
+            ];
+            const VALUES: [&str; 16] = [
+                "a.example", "192.0.2.1", "10.0.0.1, 192.0.2.7", "keep-alive", "x-custom",
+                "trailers", "gzip, trailers", "blue", "green", "abc-123", "has space",
+                "x-custom, keep-alive, host", "", "s=1; sticky=u42", "application/grpc",
+                "X-Override",
+            ];
+            let lines: Vec<(&str, &str)> = picks.iter().map(|&(n, v)| (NAMES[n], VALUES[v])).collect();
+            let (mut raw, mut map) = request_both(&lines);
+            // Reads.
+            let l = {
+                let text = "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n[[service]]\nname = \"s\"\nblue = { endpoints = [\"127.0.0.1:1\"] }\ngreen = { endpoints = [\"127.0.0.1:2\"] }\n";
+                crate::config::Config::parse(text).unwrap().listeners.remove(0)
+            };
+            let peer: std::net::IpAddr = if trusted { [10, 0, 0, 9].into() } else { [198, 51, 100, 1].into() };
+            proptest::prop_assert_eq!(headers::client_ip(&raw, peer, &l), headers::client_ip(&map, peer, &l));
+            proptest::prop_assert_eq!(
+                crate::split::cookie_value(&raw, "sticky"),
+                crate::split::cookie_value(&map, "sticky")
+            );
+            proptest::prop_assert_eq!(headers::is_grpc(&raw), headers::is_grpc(&map));
+            proptest::prop_assert_eq!(
+                headers::is_upgrade_request(&raw, Version::HTTP_11),
+                headers::is_upgrade_request(&map, Version::HTTP_11)
+            );
+            let bare = Request::get("/").body(()).unwrap();
+            let mut with_map = Request::get("/").body(()).unwrap();
+            *with_map.headers_mut() = map.clone();
+            proptest::prop_assert_eq!(
+                headers::check_request_with(&bare, &raw, 8192),
+                headers::check_request(&with_map, 8192)
+            );
+            for name in [header::HOST, header::COOKIE, headers::X_FORWARDED_FOR.clone(), HeaderName::from_static("x-custom")] {
+                proptest::prop_assert_eq!(raw.values(&name).collect::<Vec<_>>(), Fields::values(&map, &name).collect::<Vec<_>>());
+                proptest::prop_assert_eq!(FieldsMut::value(&raw, &name), FieldsMut::value(&map, &name));
+            }
+            // Rewrites, in the request path's order.
+            raw.strip(false);
+            map.strip(false);
+            if drop_override {
+                let name = HeaderName::from_static("x-override");
+                FieldsMut::remove(&mut raw, &name);
+                FieldsMut::remove(&mut map, &name);
+            }
+            let host = FieldsMut::value(&map, &header::HOST);
+            let peer_value = headers::peer_value(peer);
+            headers::set_forwarding_with(&mut raw, &peer_value, trusted, tls, host.as_ref());
+            headers::set_forwarding_with(&mut map, &peer_value, trusted, tls, host.as_ref());
+            let id_raw = headers::ensure_request_id(&mut raw);
+            let id_map = headers::ensure_request_id(&mut map);
+            // What goes upstream, through hyper's client (a map) and through
+            // cyan's own (the encoded head, read back).
+            let mut through_hyper = HeaderMap::new();
+            raw.clone().append_to(&mut through_hyper);
+            let mut encoded = Vec::new();
+            encode_head(&bare, Some(&raw), &mut encoded);
+            let mut hs = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Request::new(&mut hs);
+            proptest::prop_assert!(parsed.parse(&encoded).unwrap().is_complete());
+            let mut through_own = HeaderMap::new();
+            for h in parsed.headers.iter() {
+                through_own.append(
+                    HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(h.value).unwrap(),
+                );
+            }
+            if id_raw != id_map {
+                // Both made anew (the incoming one was not kept): random.
+                proptest::prop_assert_eq!((id_raw.len(), id_map.len()), (32, 32));
+                for m in [&mut map, &mut through_hyper, &mut through_own] {
+                    proptest::prop_assert_eq!(m.get_all(&headers::X_REQUEST_ID).iter().count(), 1);
+                    m.remove(&headers::X_REQUEST_ID);
+                }
+            }
+            proptest::prop_assert_eq!(&through_hyper, &map);
+            proptest::prop_assert_eq!(&through_own, &map);
+        }
+    }
+
     fn parsed(head: &[u8]) -> (u16, bool, Vec<String>) {
         let mut buf = BytesMut::from(head);
         match parse_head(&mut buf, false) {
@@ -1305,7 +1548,7 @@ mod tests {
             .unwrap();
         assert!(eligible(&get));
         let mut out = Vec::new();
-        encode_head(&get, &mut out);
+        encode_head(&get, None, &mut out);
         assert_eq!(
             out,
             b"GET /a?b=1 HTTP/1.1\r\nhost: example\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"

@@ -5,11 +5,13 @@
 //! buffers, moves the request future into a slot, and writes through its own
 //! queue; on a proxied keep-alive request it was ~38 % of cyan's user-space
 //! instructions (callgrind, `benches/README.md` "Profile"). Here the
-//! connection's task reads the head, parses it with httparse into the same
-//! `http` types hyper would have built (header values are slices of the one
-//! read buffer, not copies), calls [`crate::proxy::handle`] exactly as the
-//! hyper path does, and writes the answer itself: the head and the first
-//! body bytes in one write when they are there together.
+//! connection's task reads the head, parses it with httparse into the
+//! `http` request types with the headers kept as the head's lines (offsets
+//! into the one read buffer, no `HeaderMap`: the request path reads and
+//! rewrites them through [`crate::headers::Fields`], and cyan's own client
+//! writes them on as they came), calls [`crate::proxy::handle`] as the hyper
+//! path does, and writes the answer itself: the head and the first body
+//! bytes in one write when they are there together.
 //!
 //! The path is narrow on purpose, and a request outside it goes to hyper
 //! with every byte read so far ([`crate::keepalive::Rewind`]), so nothing
@@ -34,7 +36,7 @@ use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -55,7 +57,13 @@ const WRITE_CHUNK: usize = 16 * 1024;
 /// next request).
 #[derive(Debug)]
 pub struct Parsed {
+    /// Method, target and version; the header map is left empty.
     pub parts: http::request::Parts,
+    /// The headers, as the head's lines: the request path reads and
+    /// rewrites them in place ([`crate::headers::Fields`]), and cyan's own
+    /// client writes them on as they came. No `HeaderMap` is built unless
+    /// the request goes to hyper's client.
+    pub head: crate::h1client::RawHead,
     pub rest: Bytes,
 }
 
@@ -65,17 +73,19 @@ pub struct Parsed {
 pub fn parse(buf: BytesMut) -> Result<Parsed, Bytes> {
     let bytes = buf.freeze();
     match build(&bytes) {
-        Some((parts, len)) => Ok(Parsed {
+        Some((parts, lines, len)) => Ok(Parsed {
             parts,
+            head: crate::h1client::RawHead::request(bytes.slice(..len), lines),
             rest: bytes.slice(len..),
         }),
         None => Err(bytes),
     }
 }
 
-/// The request's parts (header values and target are slices of `bytes`,
-/// not copies) and the head's length, if this path takes it.
-fn build(bytes: &Bytes) -> Option<(http::request::Parts, usize)> {
+/// The request's parts (the target a slice of `bytes`, not a copy), its
+/// header lines as offsets into `bytes`, and the head's length, if this
+/// path takes it.
+fn build(bytes: &Bytes) -> Option<(http::request::Parts, Vec<[u32; 4]>, usize)> {
     // Uninitialized: zeroing 100 headers cost more than parsing a head.
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -93,9 +103,8 @@ fn build(bytes: &Bytes) -> Option<(http::request::Parts, usize)> {
     };
     let path = req.path.filter(|p| p.starts_with('/'))?;
     let uri = Uri::from_maybe_shared(bytes.slice_ref(path.as_bytes())).ok()?;
-    // Room for what the proxy adds (X-Forwarded-For, -Proto, -Host,
-    // X-Request-Id) without growing the table: a grow rehashes it.
-    let mut map = HeaderMap::with_capacity(req.headers.len() + 4);
+    let base = bytes.as_ptr() as usize;
+    let mut lines = Vec::with_capacity(req.headers.len());
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let refused = if name.eq_ignore_ascii_case(b"content-length") {
@@ -110,16 +119,28 @@ fn build(bytes: &Bytes) -> Option<(http::request::Parts, usize)> {
         if refused {
             return None;
         }
-        let name = HeaderName::from_bytes(name).ok()?;
-        let value = HeaderValue::from_maybe_shared(bytes.slice_ref(h.value)).ok()?;
-        map.append(name, value);
+        // httparse takes what a `HeaderName` and a `HeaderValue` take, but
+        // for a name's length, which a `HeaderName` bounds; such a request
+        // goes to hyper, which refuses it.
+        if name.len() > crate::h1client::MAX_NAME_BYTES {
+            return None;
+        }
+        // Slices of `bytes`: the offsets are exact, and below 2^24 (the
+        // head is at most `READ_BYTES`).
+        let n0 = name.as_ptr() as usize - base;
+        let v0 = h.value.as_ptr() as usize - base;
+        lines.push([
+            n0 as u32,
+            (n0 + name.len()) as u32,
+            v0 as u32,
+            (v0 + h.value.len()) as u32,
+        ]);
     }
     let mut parts = Request::new(()).into_parts().0;
     parts.method = method;
     parts.uri = uri;
     parts.version = Version::HTTP_11;
-    parts.headers = map;
-    Some((parts, len))
+    Some((parts, lines, len))
 }
 
 /// How writing an answer ended.
@@ -400,9 +421,12 @@ mod tests {
         .unwrap();
         assert_eq!(p.parts.method, Method::GET);
         assert_eq!(p.parts.uri, "/a/b?c=1");
-        assert_eq!(p.parts.headers["host"], "example");
-        let twos: Vec<_> = p.parts.headers.get_all("x-two").iter().collect();
-        assert_eq!(twos, ["1", "2"]);
+        use crate::headers::Fields;
+        assert!(p.parts.headers.is_empty(), "the headers are held as lines");
+        assert_eq!(p.head.first(&header::HOST), Some(&b"example"[..]));
+        let x_two = header::HeaderName::from_static("x-two");
+        let twos: Vec<_> = p.head.values(&x_two).collect();
+        assert_eq!(twos, [b"1", b"2"]);
         assert_eq!(&p.rest[..], b"GET /next", "a pipelined request stays");
         let p = parsed(
             b"HEAD / HTTP/1.1\r\nhost: x\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n",

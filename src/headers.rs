@@ -37,6 +37,112 @@ use http::{Method, Request, StatusCode, Version};
 
 use crate::config::{canonical_ip, ListenerConfig};
 
+/// A request's headers as the request path reads them: a `HeaderMap`
+/// (hyper's server path), or the lines of a head cyan's own HTTP/1.1 server
+/// parsed ([`crate::h1client::RawHead`]), which it never turns into a map
+/// when the request goes to cyan's own client. Every check and rewrite
+/// below is written once, over this.
+pub trait Fields {
+    /// The values of `name`, in order.
+    fn values<'s>(&'s self, name: &'s HeaderName)
+        -> impl DoubleEndedIterator<Item = &'s [u8]> + 's;
+
+    /// The first value of `name`.
+    fn first<'s>(&'s self, name: &'s HeaderName) -> Option<&'s [u8]> {
+        self.values(name).next()
+    }
+
+    /// Whether there is a `name` header.
+    fn has(&self, name: &HeaderName) -> bool {
+        self.values(name).next().is_some()
+    }
+
+    /// Every header, name and value.
+    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])>;
+}
+
+/// What the request path changes on a request's headers.
+pub trait FieldsMut: Fields {
+    /// Sets `name` to `value`, replacing every value it had.
+    fn set(&mut self, name: &HeaderName, value: HeaderValue);
+
+    /// Removes every `name` header.
+    fn remove(&mut self, name: &HeaderName);
+
+    /// The first value of `name`, as a `HeaderValue`.
+    fn value(&self, name: &HeaderName) -> Option<HeaderValue>;
+
+    /// Removes the hop-by-hop headers ([`strip_hop_by_hop`]).
+    fn strip(&mut self, keep_upgrade: bool);
+
+    /// The first value of `name` as a `HeaderValue`, marked
+    /// [`never_indexed`] where it stays too.
+    fn sensitive(&mut self, name: &HeaderName) -> Option<HeaderValue>;
+
+    /// Room for `n` more headers (a map grows once, not per insert).
+    fn reserve(&mut self, _n: usize) {}
+}
+
+impl Fields for HeaderMap {
+    fn values<'s>(
+        &'s self,
+        name: &'s HeaderName,
+    ) -> impl DoubleEndedIterator<Item = &'s [u8]> + 's {
+        self.get_all(name).into_iter().map(HeaderValue::as_bytes)
+    }
+
+    fn first<'s>(&'s self, name: &'s HeaderName) -> Option<&'s [u8]> {
+        self.get(name).map(HeaderValue::as_bytes)
+    }
+
+    fn has(&self, name: &HeaderName) -> bool {
+        self.contains_key(name)
+    }
+
+    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.iter()
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+    }
+}
+
+impl FieldsMut for HeaderMap {
+    fn set(&mut self, name: &HeaderName, value: HeaderValue) {
+        self.insert(name, value);
+    }
+
+    fn remove(&mut self, name: &HeaderName) {
+        HeaderMap::remove(self, name);
+    }
+
+    fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
+        self.get(name).cloned()
+    }
+
+    fn strip(&mut self, keep_upgrade: bool) {
+        strip_hop_by_hop(self, keep_upgrade);
+    }
+
+    fn sensitive(&mut self, name: &HeaderName) -> Option<HeaderValue> {
+        let v = self.get_mut(name)?;
+        never_indexed(v);
+        Some(v.clone())
+    }
+
+    fn reserve(&mut self, n: usize) {
+        HeaderMap::reserve(self, n);
+    }
+}
+
+/// A header value as text, by `HeaderValue::to_str`'s rule (tab and
+/// visible ASCII).
+pub fn visible_str(v: &[u8]) -> Option<&str> {
+    if v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        std::str::from_utf8(v).ok()
+    } else {
+        None
+    }
+}
+
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -57,16 +163,24 @@ const fn reject(status: StatusCode, reason: &'static str) -> Reject {
 
 /// The request's host (with any port), validated. Borrowed from the request.
 pub fn check_request<B>(req: &Request<B>, max_header_bytes: usize) -> Result<&str, Reject> {
+    check_request_with(req, req.headers(), max_header_bytes)
+}
+
+/// [`check_request`] on headers held apart from the request.
+pub fn check_request_with<'r, B>(
+    req: &'r Request<B>,
+    headers: &'r impl Fields,
+    max_header_bytes: usize,
+) -> Result<&'r str, Reject> {
     if req.method() == Method::CONNECT {
         return Err(reject(
             StatusCode::METHOD_NOT_ALLOWED,
             "CONNECT is not supported",
         ));
     }
-    let headers = req.headers();
     let mut head_bytes = req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 16;
-    for (name, value) in headers {
-        head_bytes += name.as_str().len() + value.len() + 4;
+    for (name, value) in headers.each() {
+        head_bytes += name.len() + value.len() + 4;
     }
     if head_bytes > max_header_bytes {
         return Err(reject(
@@ -75,18 +189,18 @@ pub fn check_request<B>(req: &Request<B>, max_header_bytes: usize) -> Result<&st
         ));
     }
     check_transfer_encoding(headers)?;
-    let host = request_host(req)?;
+    let host = request_host_with(req, headers)?;
     if !valid_host(host) {
         return Err(reject(StatusCode::BAD_REQUEST, "invalid Host"));
     }
     Ok(host)
 }
 
-fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), Reject> {
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+fn check_transfer_encoding(headers: &impl Fields) -> Result<(), Reject> {
+    let mut te = headers.values(&header::TRANSFER_ENCODING);
     match (te.next(), te.next()) {
         (None, _) => Ok(()),
-        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(()),
+        (Some(v), None) if v.trim_ascii().eq_ignore_ascii_case(b"chunked") => Ok(()),
         _ => Err(reject(
             StatusCode::BAD_REQUEST,
             "unsupported Transfer-Encoding (only a single `chunked` is accepted)",
@@ -97,17 +211,21 @@ fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), Reject> {
 /// The host a request is for: `:authority` or `Host`, checked against each
 /// other (see [`check_request`], which calls it).
 pub fn request_host<B>(req: &Request<B>) -> Result<&str, Reject> {
-    let headers = req.headers();
-    let mut hosts = headers.get_all(header::HOST).iter();
+    request_host_with(req, req.headers())
+}
+
+/// [`request_host`] on headers held apart from the request.
+pub fn request_host_with<'r, B>(
+    req: &'r Request<B>,
+    headers: &'r impl Fields,
+) -> Result<&'r str, Reject> {
+    let mut hosts = headers.values(&header::HOST);
     let host = match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return Err(reject(StatusCode::BAD_REQUEST, "duplicate Host")),
         (h, _) => h,
     };
     let host = match host {
-        Some(h) => Some(
-            h.to_str()
-                .map_err(|_| reject(StatusCode::BAD_REQUEST, "invalid Host"))?,
-        ),
+        Some(h) => Some(visible_str(h).ok_or(reject(StatusCode::BAD_REQUEST, "invalid Host"))?),
         None => None,
     };
     let authority = req.uri().authority().map(|a| a.as_str());
@@ -144,18 +262,17 @@ fn valid_host(h: &str) -> bool {
 }
 
 /// Whether a request asks to switch protocols (HTTP/1.1 `Upgrade`).
-pub fn is_upgrade_request(headers: &HeaderMap, version: Version) -> bool {
+pub fn is_upgrade_request(headers: &impl Fields, version: Version) -> bool {
     version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
+        && headers.has(&header::UPGRADE)
         && connection_has_token(headers, b"upgrade")
 }
 
 /// Whether a request is gRPC (`content-type: application/grpc`, alone or
 /// with a `+proto`/`+json` suffix or parameters): its body is a message
 /// stream the server may answer before it ends, so it is never buffered.
-pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
+pub fn is_grpc(headers: &impl Fields) -> bool {
+    headers.first(&header::CONTENT_TYPE).is_some_and(|v| {
         const GRPC: &[u8] = b"application/grpc";
         v.len() >= GRPC.len()
             && v[..GRPC.len()].eq_ignore_ascii_case(GRPC)
@@ -164,11 +281,10 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// Whether a `Connection` header lists `token` (case-insensitive).
-fn connection_has_token(headers: &HeaderMap, token: &[u8]) -> bool {
+fn connection_has_token(headers: &impl Fields, token: &[u8]) -> bool {
     headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| list_has_token(v.as_bytes(), token))
+        .values(&header::CONNECTION)
+        .any(|v| list_has_token(v, token))
 }
 
 /// Whether header name `name` (as it came, any case) is `lower`, a name of
@@ -345,15 +461,17 @@ fn hop_by_hop_name(s: &[u8]) -> u8 {
 /// The client's address as cyan believes it: the peer, or — when the peer is
 /// a trusted proxy — the rightmost X-Forwarded-For entry that is not itself a
 /// trusted proxy.
-pub fn client_ip(headers: &HeaderMap, peer: IpAddr, listener: &ListenerConfig) -> IpAddr {
+pub fn client_ip(headers: &impl Fields, peer: IpAddr, listener: &ListenerConfig) -> IpAddr {
     let peer = canonical_ip(peer);
     if !listener.is_trusted(peer) {
         return peer;
     }
     let mut client = peer;
     // XFF may be split over several headers; the last one is the nearest hop.
-    for v in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
-        let Ok(s) = v.to_str() else { return client };
+    for v in headers.values(&X_FORWARDED_FOR).rev() {
+        let Some(s) = visible_str(v) else {
+            return client;
+        };
         for part in s.rsplit(',') {
             match part.trim().parse::<IpAddr>() {
                 Ok(ip) => {
@@ -392,7 +510,7 @@ pub fn peer_value(peer: IpAddr) -> HeaderValue {
 /// the connection opened and `host` is the request's own Host value, so an
 /// untrusted peer (the common case) costs no allocation.
 pub fn set_forwarding_with(
-    headers: &mut HeaderMap,
+    headers: &mut impl FieldsMut,
     peer: &HeaderValue,
     trusted_peer: bool,
     tls: bool,
@@ -402,8 +520,8 @@ pub fn set_forwarding_with(
     headers.reserve(3);
     let prior = if trusted_peer {
         let mut prior = String::new();
-        for v in headers.get_all(&X_FORWARDED_FOR) {
-            if let Ok(s) = v.to_str() {
+        for v in headers.values(&X_FORWARDED_FOR) {
+            if let Some(s) = visible_str(v) {
                 if !prior.is_empty() {
                     prior.push_str(", ");
                 }
@@ -420,39 +538,39 @@ pub fn set_forwarding_with(
         HeaderValue::from_str(&format!("{prior}, {}", peer.to_str().unwrap_or(""))).ok()
     };
     if let Some(v) = xff {
-        headers.insert(&X_FORWARDED_FOR, v);
+        headers.set(&X_FORWARDED_FOR, v);
     }
-    if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
+    if !(trusted_peer && headers.has(&X_FORWARDED_PROTO)) {
         let proto = if tls { "https" } else { "http" };
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        headers.set(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if !(trusted_peer && headers.contains_key(&X_FORWARDED_HOST)) {
+    if !(trusted_peer && headers.has(&X_FORWARDED_HOST)) {
         if let Some(v) = host {
-            headers.insert(&X_FORWARDED_HOST, v.clone());
+            headers.set(&X_FORWARDED_HOST, v.clone());
         }
     }
 }
 
 /// Keeps a sane incoming X-Request-Id or generates one; returns it, marked
 /// as [`never_indexed`] like the copy left in `headers`.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    let mut ids = headers.get_all(&X_REQUEST_ID).iter();
-    let sane = match (ids.next(), ids.next()) {
-        (Some(v), None) => {
-            let b = v.as_bytes();
-            (1..=128).contains(&b.len()) && b.iter().all(|c| c.is_ascii_graphic())
+pub fn ensure_request_id(headers: &mut impl FieldsMut) -> HeaderValue {
+    let sane = {
+        let mut ids = headers.values(&X_REQUEST_ID);
+        match (ids.next(), ids.next()) {
+            (Some(b), None) => {
+                (1..=128).contains(&b.len()) && b.iter().all(|c| c.is_ascii_graphic())
+            }
+            _ => false,
         }
-        _ => false,
     };
     if sane {
-        if let Some(v) = headers.get_mut(&X_REQUEST_ID) {
-            never_indexed(v);
-            return v.clone();
+        if let Some(v) = headers.sensitive(&X_REQUEST_ID) {
+            return v;
         }
     }
     let mut id = new_request_id();
     never_indexed(&mut id);
-    headers.insert(&X_REQUEST_ID, id.clone());
+    headers.set(&X_REQUEST_ID, id.clone());
     id
 }
 

@@ -34,7 +34,8 @@ use prometheus::{IntCounter, IntGauge};
 
 use crate::body::{AccessInfo, BodyIdleTimeout, ReqBody, RequestGuard, RespBody};
 use crate::config::{Color, ListenerConfig, Protocol};
-use crate::headers::{self, Reject};
+use crate::h1client::RawHead;
+use crate::headers::{self, Fields, FieldsMut, Reject};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::server::ConnActivity;
 use crate::table::{RoutingTable, Service, Table};
@@ -105,11 +106,12 @@ pub struct ConnCtx {
 }
 
 /// A request body as a server path hands it over: hyper's, or none (cyan's
-/// own HTTP/1.1 path, [`crate::h1server`], takes bodiless requests only).
+/// own HTTP/1.1 path, [`crate::h1server`], takes bodiless requests only;
+/// it hands over the head's lines instead, the request's map left empty).
 #[derive(Debug)]
 pub enum ClientIn {
     Hyper(Incoming),
-    Empty,
+    Lines(RawHead),
 }
 
 /// Handles one request. Never fails: every error is a response.
@@ -141,6 +143,9 @@ struct Forward {
     snapshot: Arc<RoutingTable>,
     service: usize,
     req: Request<ReqBody>,
+    /// The headers, when cyan's own server read the request: `req`'s map
+    /// is then empty (see [`ClientIn::Lines`]).
+    lines: Option<RawHead>,
     body_sent: Option<crate::body::BodySent>,
     guard: RequestGuard,
     start: Instant,
@@ -157,6 +162,12 @@ enum Admitted {
 /// Checks and routes a request, without waiting on anything.
 fn admit(table: &Table, conn: &ConnCtx, req: Request<ClientIn>) -> Admitted {
     let start = Instant::now();
+    let (parts, body) = req.into_parts();
+    let (body, lines) = match body {
+        ClientIn::Hyper(b) => (Some(b), None),
+        ClientIn::Lines(l) => (None, Some(l)),
+    };
+    let req = Request::from_parts(parts, body);
     let mut guard = RequestGuard::new(conn.activity.clone());
     if let Some(log) = &conn.listener.access_log {
         guard.set_access(
@@ -168,7 +179,10 @@ fn admit(table: &Table, conn: &ConnCtx, req: Request<ClientIn>) -> Admitted {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
                 version: req.version(),
-                host: req.headers().get(header::HOST).cloned(),
+                host: match &lines {
+                    Some(l) => l.value(&header::HOST),
+                    None => req.headers().get(header::HOST).cloned(),
+                },
                 request_id: None,
                 service: None,
                 color: None,
@@ -184,7 +198,12 @@ fn admit(table: &Table, conn: &ConnCtx, req: Request<ClientIn>) -> Admitted {
             }),
         );
     }
-    let host = match headers::check_request(&req, conn.listener.config.max_header_bytes) {
+    let max = conn.listener.config.max_header_bytes;
+    let checked = match &lines {
+        Some(l) => headers::check_request_with(&req, l, max),
+        None => headers::check_request(&req, max),
+    };
+    let host = match checked {
         Ok(h) => h,
         Err(r) => return Admitted::Answer(reject(conn, r, guard)),
     };
@@ -197,12 +216,12 @@ fn admit(table: &Table, conn: &ConnCtx, req: Request<ClientIn>) -> Admitted {
     };
     let (parts, body) = req.into_parts();
     let (body, body_sent) = match body {
-        ClientIn::Hyper(b) => ReqBody::client(
+        Some(b) => ReqBody::client(
             b,
             conn.listener.config.body_idle_timeout,
             &conn.activity.probe,
         ),
-        ClientIn::Empty => (ReqBody::Empty, None),
+        None => (ReqBody::Empty, None),
     };
     if let Some(a) = guard.access() {
         a.body = body_sent.clone();
@@ -214,6 +233,7 @@ fn admit(table: &Table, conn: &ConnCtx, req: Request<ClientIn>) -> Admitted {
         snapshot,
         service,
         req: Request::from_parts(parts, body),
+        lines,
         body_sent,
         guard,
         start,
@@ -307,8 +327,10 @@ fn forward<'a>(
         if let Some(a) = f.guard.access() {
             a.service = Some(svc.name.clone());
         }
-        let client_ip = headers::client_ip(f.req.headers(), conn.peer.ip(), &conn.listener.config);
-        let (color, reason) = svc.split.choose(f.req.headers(), client_ip);
+        let (color, reason) = match &f.lines {
+            Some(l) => choose(svc, conn, l),
+            None => choose(svc, conn, f.req.headers()),
+        };
         let pool = svc.pool(color);
         // Every endpoint of the chosen pool out: the other color takes the
         // request when it can (service `fallback`, on by default).
@@ -344,7 +366,7 @@ fn forward<'a>(
         };
 
         let (client_version, client_upgrade, host_value, request_id, mut up_req) =
-            rewrite_head(svc, conn, f.req, &mut f.guard);
+            rewrite_head(svc, conn, f.req, f.lines.as_mut(), &mut f.guard);
 
         let mut color = color;
         let mut idx = idx;
@@ -353,15 +375,28 @@ fn forward<'a>(
             let pool = svc.pool(color);
             let endpoint = &pool.endpoints[idx];
             let protocol = endpoint.upstream.settings.protocol;
+            // Lines go on as they are only through cyan's own client; for
+            // hyper's they become the map, before the head is shaped for
+            // the endpoint's protocol (HTTP/2 takes Host out).
+            if f.lines.is_some() && !endpoint.upstream.takes_lines(&up_req) {
+                if let Some(l) = f.lines.take() {
+                    l.append_to(up_req.headers_mut());
+                }
+            }
             shape_for_upstream(
                 &mut up_req,
                 protocol,
                 &host_value,
                 endpoint.upstream.settings.tls.is_some(),
+                f.lines.is_some(),
             );
             f.guard
                 .attach_upstream(pool.metrics.clone(), endpoint.upstream.clone(), f.start);
-            match endpoint.upstream.send(up_req, f.body_sent.as_ref()).await {
+            match endpoint
+                .upstream
+                .send(up_req, f.lines.as_ref(), f.body_sent.as_ref())
+                .await
+            {
                 Ok((resp, pooled)) => {
                     return respond(
                         svc,
@@ -408,6 +443,16 @@ fn forward<'a>(
     }
 }
 
+/// The client's address as cyan believes it, and the color for the request.
+fn choose(
+    svc: &Service,
+    conn: &ConnCtx,
+    headers: &impl Fields,
+) -> (Color, crate::split::ColorReason) {
+    let client_ip = headers::client_ip(headers, conn.peer.ip(), &conn.listener.config);
+    svc.split.choose(headers, client_ip)
+}
+
 /// The head as it goes upstream: hop-by-hop headers and a secret override
 /// header out, forwarding headers and an X-Request-Id in. Returns the
 /// client's version, its upgrade (if it asked for one), the Host value, the
@@ -417,6 +462,7 @@ fn rewrite_head(
     svc: &Service,
     conn: &ConnCtx,
     req: Request<ReqBody>,
+    lines: Option<&mut RawHead>,
     guard: &mut RequestGuard,
 ) -> (
     Version,
@@ -426,46 +472,64 @@ fn rewrite_head(
     Request<ReqBody>,
 ) {
     let (mut parts, body) = req.into_parts();
-    let client_version = parts.version;
-    let upgrade = headers::is_upgrade_request(&parts.headers, parts.version);
+    let (client_upgrade, host_value, request_id) = match lines {
+        Some(l) => rewrite_fields(svc, conn, &mut parts, l),
+        None => {
+            let mut map = std::mem::take(&mut parts.headers);
+            let r = rewrite_fields(svc, conn, &mut parts, &mut map);
+            parts.headers = map;
+            r
+        }
+    };
+    if let Some(a) = guard.access() {
+        a.request_id = Some(request_id.clone());
+    }
+    parts.extensions = http::Extensions::new();
+    (
+        parts.version,
+        client_upgrade,
+        host_value,
+        request_id,
+        Request::from_parts(parts, body),
+    )
+}
+
+/// [`rewrite_head`] on the headers, wherever they are held.
+fn rewrite_fields(
+    svc: &Service,
+    conn: &ConnCtx,
+    parts: &mut http::request::Parts,
+    headers: &mut impl FieldsMut,
+) -> (Option<OnUpgrade>, HeaderValue, HeaderValue) {
+    let upgrade = headers::is_upgrade_request(headers, parts.version);
     let client_upgrade = if upgrade {
         parts.extensions.remove::<OnUpgrade>()
     } else {
         None
     };
-    let host_value = match parts.headers.get(header::HOST) {
-        Some(h) => h.clone(),
+    let host_value = match headers.value(&header::HOST) {
+        Some(h) => h,
         None => parts
             .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             .unwrap_or_else(|| HeaderValue::from_static("")),
     };
-    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    headers.strip(upgrade);
     if let Some(ov) = &svc.split.override_ {
         if ov.secret.is_some() {
-            parts.headers.remove(&ov.header);
+            headers.remove(&ov.header);
         }
     }
     headers::set_forwarding_with(
-        &mut parts.headers,
+        headers,
         &conn.peer_value,
         conn.trusted_peer,
         conn.tls,
         Some(&host_value).filter(|h| !h.is_empty()),
     );
-    let request_id = headers::ensure_request_id(&mut parts.headers);
-    if let Some(a) = guard.access() {
-        a.request_id = Some(request_id.clone());
-    }
-    parts.extensions = http::Extensions::new();
-    (
-        client_version,
-        client_upgrade,
-        host_value,
-        request_id,
-        Request::from_parts(parts, body),
-    )
+    let request_id = headers::ensure_request_id(headers);
+    (client_upgrade, host_value, request_id)
 }
 
 /// A client body that failed while cyan read it ahead (no upstream was
@@ -501,11 +565,14 @@ fn client_body_error(
 }
 
 /// Sets the URI form, version and Host for the endpoint's protocol.
+/// `lines`: the headers are held as lines (which always carry a Host),
+/// the map left empty.
 fn shape_for_upstream(
     req: &mut Request<ReqBody>,
     protocol: Protocol,
     host: &HeaderValue,
     tls: bool,
+    lines: bool,
 ) {
     let path = req
         .uri()
@@ -520,7 +587,7 @@ fn shape_for_upstream(
                 }
             }
             *req.version_mut() = Version::HTTP_11;
-            if !req.headers().contains_key(header::HOST) && !host.is_empty() {
+            if !lines && !req.headers().contains_key(header::HOST) && !host.is_empty() {
                 req.headers_mut().insert(header::HOST, host.clone());
             }
         }

@@ -889,7 +889,7 @@ impl Connection {
         let activity = &conn.activity;
         activity.request_started();
         let head_request = parsed.parts.method == http::Method::HEAD;
-        let req = Request::from_parts(parsed.parts, proxy::ClientIn::Empty);
+        let req = Request::from_parts(parsed.parts, proxy::ClientIn::Lines(parsed.head));
         // While the answer is awaited the client is watched, as hyper does:
         // one that leaves drops the request (counted 499, never an upstream
         // failure). Bytes it sends meanwhile (a pipelined request) are kept.

@@ -21,7 +21,7 @@
 
 use std::net::IpAddr;
 
-use http::HeaderMap;
+use crate::headers::Fields;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::config::{canonical_ip, Color, OverrideConfig, Sticky};
@@ -78,7 +78,7 @@ impl SplitPolicy {
     }
 
     /// Chooses a color for a request.
-    pub fn choose(&self, headers: &HeaderMap, client_ip: IpAddr) -> (Color, ColorReason) {
+    pub fn choose(&self, headers: &impl Fields, client_ip: IpAddr) -> (Color, ColorReason) {
         if let Some(ov) = &self.override_ {
             if let Some(color) = override_color(ov, headers) {
                 return (color, ColorReason::Override);
@@ -101,10 +101,10 @@ impl SplitPolicy {
         (color, reason)
     }
 
-    fn sticky_bucket(&self, headers: &HeaderMap, client_ip: IpAddr) -> Option<u16> {
+    fn sticky_bucket(&self, headers: &impl Fields, client_ip: IpAddr) -> Option<u16> {
         match self.sticky.as_ref()? {
             Sticky::Header(name) => {
-                let v = headers.get(name)?.as_bytes();
+                let v = headers.first(name)?;
                 (!v.is_empty()).then(|| bucket(self.seed, v))
             }
             Sticky::Cookie(name) => cookie_value(headers, name).map(|v| bucket(self.seed, v)),
@@ -116,8 +116,8 @@ impl SplitPolicy {
     }
 }
 
-fn override_color(ov: &OverrideConfig, headers: &HeaderMap) -> Option<Color> {
-    let v = headers.get(&ov.header)?.as_bytes();
+fn override_color(ov: &OverrideConfig, headers: &impl Fields) -> Option<Color> {
+    let v = headers.first(&ov.header)?;
     match &ov.secret {
         None => Color::from_bytes(v),
         Some(secret) => {
@@ -139,10 +139,10 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The first non-empty value of cookie `name` across all Cookie headers.
-pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
+pub fn cookie_value<'h>(headers: &'h impl Fields, name: &str) -> Option<&'h [u8]> {
     let name = name.as_bytes();
-    for h in headers.get_all(http::header::COOKIE) {
-        for pair in h.as_bytes().split(|&b| b == b';') {
+    for h in headers.values(&http::header::COOKIE) {
+        for pair in h.split(|&b| b == b';') {
             let pair = pair.trim_ascii();
             if pair.len() > name.len() && pair.starts_with(name) && pair[name.len()] == b'=' {
                 let v = &pair[name.len() + 1..];
@@ -185,7 +185,7 @@ pub fn p2c(n: usize, exclude: Option<usize>, load: impl Fn(usize) -> u32) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{HeaderName, HeaderValue};
+    use http::{HeaderMap, HeaderName, HeaderValue};
 
     fn policy(bp: u16, sticky: Option<Sticky>) -> SplitPolicy {
         SplitPolicy {

@@ -44,7 +44,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::body::{BodySent, BoxError, ReqBody};
 use crate::config::{Protocol, UpstreamSettings};
-use crate::h1client::{self, RawBody, RawConn};
+use crate::h1client::{self, RawBody, RawConn, RawHead};
 
 /// Why an upstream exchange failed; mapped to a status in one place
 /// (`proxy::error_response`).
@@ -458,18 +458,33 @@ impl Upstream {
     /// arguments twice (as captured and as locals), and the request's
     /// future, copied as it is boxed per request, held hyper's branch
     /// (~1.5 KiB) where cyan's own client needs less.
+    ///
+    /// `lines`: the request's headers as the lines cyan's own server read
+    /// (its map then empty); only for an endpoint that
+    /// [takes them](Upstream::takes_lines).
     pub fn send<'a>(
         self: &'a Arc<Self>,
-        req: Request<ReqBody>,
+        mut req: Request<ReqBody>,
+        lines: Option<&'a RawHead>,
         body_sent: Option<&'a BodySent>,
     ) -> impl Future<Output = Result<(Response<UpBody>, Option<Pooled>), SendFailure>> + Send + 'a
     {
         use futures_util::future::Either;
         if self.raw && h1client::eligible(&req) {
-            Either::Left(self.send_raw(req))
+            Either::Left(self.send_raw(req, lines))
         } else {
+            if let Some(l) = lines {
+                debug_assert!(false, "header lines sent to an endpoint that takes a map");
+                l.clone().append_to(req.headers_mut());
+            }
             Either::Right(Box::pin(self.send_hyper(req, body_sent)))
         }
+    }
+
+    /// Whether `req` goes through cyan's own client, which writes header
+    /// lines as they are (hyper's needs a map).
+    pub fn takes_lines(&self, req: &Request<ReqBody>) -> bool {
+        self.raw && h1client::eligible(req)
     }
 
     /// [`Upstream::send`] through hyper's client.
@@ -557,12 +572,13 @@ impl Upstream {
     fn send_raw<'a>(
         self: &'a Arc<Self>,
         req: Request<ReqBody>,
+        lines: Option<&'a RawHead>,
     ) -> impl Future<Output = Result<(Response<UpBody>, Option<Pooled>), SendFailure>> + Send + 'a
     {
         async move {
             let addr = self.addr;
             let mut head = Vec::with_capacity(512);
-            h1client::encode_head(&req, &mut head);
+            h1client::encode_head(&req, lines, &mut head);
             let head_request = req.method() == http::Method::HEAD;
             let limit = self.settings.read_buffer_bytes;
             let after = self.settings.response_timeout;
