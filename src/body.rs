@@ -422,13 +422,15 @@ impl RequestGuard {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.conn.request_finished();
+        // One clock read for everything below.
+        let now = Instant::now();
+        self.conn.request_finished(now);
         if let Some((log, mut a)) = self.access.take() {
             a.bytes_in = a
                 .body
                 .take()
                 .map_or(0, |b| b.bytes.load(std::sync::atomic::Ordering::Relaxed));
-            a.duration = a.start.elapsed();
+            a.duration = now.saturating_duration_since(a.start);
             a.error = a
                 .error
                 .or(self.upstream.as_ref().filter(|u| u.failed).map(|_| "reset"));
@@ -438,7 +440,6 @@ impl Drop for RequestGuard {
             u.upstream.in_flight_dec();
             u.metrics.in_flight.dec();
             u.metrics.count_status(u.status);
-            let now = Instant::now();
             let elapsed = now.saturating_duration_since(u.start);
             u.metrics.duration.observe(elapsed.as_secs_f64());
             // A client that left before the answer says nothing about the

@@ -351,6 +351,18 @@ async fn write_timed<IO: AsyncWrite + Unpin>(
 }
 
 async fn flush_timed<IO: AsyncWrite + Unpin>(io: &mut IO, limit: Duration) -> Result<(), Written> {
+    // Tried once first: flushing a socket is done at once, and a timer
+    // costs a clock read to set.
+    let first = std::future::poll_fn(|cx| match Pin::new(&mut *io).poll_flush(cx) {
+        Poll::Pending => Poll::Ready(None),
+        Poll::Ready(r) => Poll::Ready(Some(r)),
+    })
+    .await;
+    match first {
+        Some(Ok(())) => return Ok(()),
+        Some(Err(_)) => return Err(Written::Broken),
+        None => {}
+    }
     match tokio::time::timeout(limit, io.flush()).await {
         Err(_) => Err(Written::Stalled),
         Ok(Err(_)) => Err(Written::Broken),

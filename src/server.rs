@@ -112,20 +112,20 @@ impl Default for ConnActivity {
 }
 
 impl ConnActivity {
-    fn touch(&self) {
-        self.last_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
+    /// A request begins. The time is not noted: while one is in flight the
+    /// connection is not idle whatever `last_ms` says, and its end notes it.
     pub fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.touch();
     }
 
-    pub fn request_finished(&self) {
+    /// A request ended at `now`.
+    pub fn request_finished(&self, now: Instant) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.probe.request_finished();
-        self.touch();
+        self.last_ms.store(
+            now.saturating_duration_since(self.epoch).as_millis() as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// Requests being served on the connection.
@@ -792,22 +792,30 @@ impl Connection {
         S::Future: Send + 'static,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        // One idle timer for the connection's life, pushed back before each
-        // wait: a later deadline only moves a number (tokio extends a
-        // registered timer in place), where a timer per wait was put in and
-        // taken out of the timer wheel every request.
-        let idle = tokio::time::sleep(self.ctx.config.idle_timeout);
+        // One idle timer for the connection's life, set lazily: requests
+        // do not push it back. When it fires, the time since the last
+        // request ended ([`ConnActivity::idle_remaining`]) says whether the
+        // connection has been idle that long; if not, it is set for the
+        // rest. A timer pushed back before each wait cost a clock read and
+        // a timer update every request; a timer per wait, a timer wheel
+        // insert and removal.
+        let idle_timeout = self.ctx.config.idle_timeout;
+        let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
         loop {
             if pre.is_empty() {
-                idle.as_mut()
-                    .reset(tokio::time::Instant::now() + self.ctx.config.idle_timeout);
                 tokio::select! {
                     // Biased: bytes already here are a request to serve
                     // (with `Connection: close` in a drain), not to reset.
                     biased;
                     r = io.wait_readable() => if r.is_err() { return },
-                    _ = &mut idle => return,
+                    _ = &mut idle => match conn.activity.idle_remaining(idle_timeout) {
+                        None => return,
+                        Some(left) => {
+                            idle.as_mut().reset(tokio::time::Instant::now() + left);
+                            continue;
+                        }
+                    },
                     // The drain, through the connection's own waker (a token
                     // wait per request cost a shared waiter list's lock).
                     // The hard stop is never waited for: it aborts the task.
