@@ -556,7 +556,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     }
     // One pass for what framing and reuse depend on (a name's length picks
     // the one to compare).
-    let (mut close, mut keep_alive, mut te_last, mut has_cl) = (false, false, None, false);
+    let (mut close, mut keep_alive, mut te_last) = (false, false, None);
+    // The Content-Length lines: how many, and the last.
+    let (mut cl_lines, mut cl_last) = (0usize, 0usize);
     for (i, &l) in lines.iter().enumerate() {
         let (name, value) = line_of(&head, l);
         match name.len() {
@@ -564,7 +566,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
                 close |= crate::headers::list_has_token(value, b"close");
                 keep_alive |= crate::headers::list_has_token(value, b"keep-alive");
             }
-            14 if crate::headers::name_is(name, b"content-length") => has_cl = true,
+            14 if crate::headers::name_is(name, b"content-length") => {
+                cl_lines += 1;
+                cl_last = i;
+            }
             17 if crate::headers::name_is(name, b"transfer-encoding") => te_last = Some(i),
             _ => {}
         }
@@ -586,8 +591,13 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             reuse = false;
             Framing::Close
         }
-    } else if has_cl {
-        match content_length(values_of(&head, &lines, b"content-length"))? {
+    } else if cl_lines > 0 {
+        let length = if cl_lines == 1 {
+            content_length(std::iter::once(line_of(&head, lines[cl_last]).1))
+        } else {
+            content_length(values_of(&head, &lines, b"content-length"))
+        };
+        match length? {
             0 => Framing::Empty,
             n => Framing::Length(n),
         }
@@ -609,13 +619,14 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         head,
         lines: lines.into_boxed_slice(),
         te_trailers,
-        framed_twice: te_last.is_some() && has_cl,
+        framed_twice: te_last.is_some() && cl_lines > 0,
         own: Vec::new(),
     };
     Ok(Some(Parsed::Final(parts, raw, framing, reuse)))
 }
 
 /// A line's name and value in `head` (the [`GOES_ON`] mark left out).
+#[inline]
 fn line_of(head: &[u8], [n0, n1, v0, v1]: [u32; 4]) -> (&[u8], &[u8]) {
     (
         &head[n0 as usize..(n1 & !GOES_ON) as usize],
