@@ -286,6 +286,18 @@ pub struct RawHead {
     /// What cyan sets on the response (a color header, `X-Request-Id`):
     /// each replaces the lines of its name ([`RawHead::set`]).
     own: Vec<(HeaderName, HeaderValue)>,
+    /// Bit `n % 64` set when a line's name is `n` bytes long: a name of
+    /// another length is looked up without reading a line (one AND). Most
+    /// lookups are for names a head does not carry (`X-Forwarded-*`,
+    /// `Cookie`, `X-Request-Id` on a request), and most of those differ in
+    /// length from every name it does.
+    lens: u64,
+}
+
+/// The bit of [`RawHead::lens`] for names `n` bytes long.
+#[inline]
+fn len_bit(n: usize) -> u64 {
+    1 << (n % 64)
 }
 
 /// In a line's name end: the line goes on. Offsets are below 2^24 (a head
@@ -299,12 +311,15 @@ impl RawHead {
     /// hop-by-hop ones out.
     pub(crate) fn request(head: Bytes, lines: Vec<[u32; 4]>) -> RawHead {
         let mut lines = lines.into_boxed_slice();
+        let mut lens = 0;
         for l in lines.iter_mut() {
+            lens |= len_bit((l[1] - l[0]) as usize);
             l[1] |= GOES_ON;
         }
         RawHead {
             head,
             lines,
+            lens,
             ..RawHead::default()
         }
     }
@@ -316,9 +331,7 @@ impl RawHead {
             return Some(v.clone());
         }
         let lower = name.as_str().as_bytes();
-        let (_, v) = self
-            .forwarded()
-            .find(|(n, _)| n.len() == lower.len() && n.eq_ignore_ascii_case(lower))?;
+        let (_, v) = self.forwarded_named(lower).next()?;
         HeaderValue::from_maybe_shared(self.head.slice_ref(v)).ok()
     }
 
@@ -345,6 +358,23 @@ impl RawHead {
             .map(|&l| line_of(&self.head, l))
     }
 
+    /// The lines that go on named `lower` (lowercase), in order.
+    fn forwarded_named<'s>(
+        &'s self,
+        lower: &'s [u8],
+    ) -> impl DoubleEndedIterator<Item = (&'s [u8], &'s [u8])> + 's {
+        let lines = if self.lens & len_bit(lower.len()) == 0 {
+            &self.lines[..0]
+        } else {
+            &self.lines[..]
+        };
+        lines
+            .iter()
+            .filter(|l| l[1] & GOES_ON != 0)
+            .map(|&l| line_of(&self.head, l))
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(lower))
+    }
+
     /// Sets a header on the response: it replaces the lines of that name
     /// (marked out now, once) and an earlier value cyan set for it, as an
     /// insert into a map does.
@@ -360,6 +390,9 @@ impl RawHead {
     #[inline]
     fn mark_out(&mut self, name: &HeaderName) {
         let lower = name.as_str().as_bytes();
+        if self.lens & len_bit(lower.len()) == 0 {
+            return;
+        }
         for l in self.lines.iter_mut() {
             if l[1] & GOES_ON != 0 && line_of(&self.head, *l).0.eq_ignore_ascii_case(lower) {
                 l[1] &= !GOES_ON;
@@ -374,10 +407,8 @@ impl RawHead {
 
     /// The first value of `name` (lowercase letters and `-`) among the
     /// lines that go on.
-    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
-        self.forwarded()
-            .find(|(n, _)| crate::headers::name_is(n, name))
-            .map(|(_, v)| v)
+    pub fn get<'s>(&'s self, name: &'s [u8]) -> Option<&'s [u8]> {
+        self.forwarded_named(name).next().map(|(_, v)| v)
     }
 
     /// Whether a `te: trailers` line goes on in place of the `TE` lines.
@@ -440,15 +471,12 @@ impl crate::headers::Fields for RawHead {
         name: &'s HeaderName,
     ) -> impl DoubleEndedIterator<Item = &'s [u8]> + 's {
         let lower = name.as_str().as_bytes();
-        self.forwarded()
-            .filter(move |(n, _)| n.len() == lower.len() && n.eq_ignore_ascii_case(lower))
-            .map(|(_, v)| v)
-            .chain(
-                self.own
-                    .iter()
-                    .filter(move |(n, _)| n == name)
-                    .map(|(_, v)| v.as_bytes()),
-            )
+        self.forwarded_named(lower).map(|(_, v)| v).chain(
+            self.own
+                .iter()
+                .filter(move |(n, _)| n == name)
+                .map(|(_, v)| v.as_bytes()),
+        )
     }
 
     fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
@@ -505,7 +533,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     // offsets of its name and value in the frozen head below. The parser's
     // array is left uninitialized: zeroing 100 headers cost more than
     // parsing a head.
-    let (len, mut lines, status, version) = {
+    let (len, mut lines, status, version, lens) = {
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
         let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -522,6 +550,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         };
         let base = buf.as_ptr() as usize;
         let mut lines = Vec::with_capacity(resp.headers.len());
+        let mut lens = 0;
         for h in resp.headers.iter() {
             // httparse takes what a `HeaderName` and a `HeaderValue` take
             // (tokens; tab, visible ASCII and obs-text), as each must become
@@ -533,6 +562,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             }
             // Its slices are of `buf`: the offsets are exact and below 2^24
             // (`GOES_ON` is free).
+            lens |= len_bit(h.name.len());
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
             lines.push([
@@ -542,7 +572,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
                 (value + h.value.len()) as u32,
             ]);
         }
-        (len, lines, resp.code.unwrap_or(0), resp.version)
+        (len, lines, resp.code.unwrap_or(0), resp.version, lens)
     };
     let status = StatusCode::from_u16(status).map_err(|_| RawError::Invalid("invalid status"))?;
     let version = if version == Some(0) {
@@ -621,6 +651,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         te_trailers,
         framed_twice: te_last.is_some() && cl_lines > 0,
         own: Vec::new(),
+        lens,
     };
     Ok(Some(Parsed::Final(parts, raw, framing, reuse)))
 }
