@@ -14,8 +14,12 @@
 //! client ─► server: permit before accept, PROXY header, TLS handshake in task,
 //!           HTTP/1.1 + HTTP/2 on one port (preface sniff), idle watchdog;
 //!           idle HTTP/1.1 keep-alive holds only its socket (keepalive)
+//!           bodiless GET/HEAD whose head comes whole: cyan's own server
+//!           (h1server), the headers kept as the head's lines
 //!         ─► proxy::handle
 //!              headers::check_request            reject smuggling / bad Host / CONNECT
+//!                                                 (headers read through headers::Fields:
+//!                                                 a map, or a head's lines)
 //!              let table = table.load();          ONE snapshot per request
 //!              let svc   = table.route(..)?;      listener + host + path
 //!              let color = split::choose_color()  override > sticky bucket > draw
@@ -53,10 +57,12 @@
 //! | [`config`] | raw TOML types → validated runtime config; every key documented |
 //! | [`table`] | `RoutingTable`, `Table` (the ArcSwap), `Command`, `apply` |
 //! | [`split`] | color and endpoint selection, stable hash; pure |
-//! | [`headers`] | request validation and header hygiene (hop-by-hop, forwarding) |
+//! | [`headers`] | request validation and header hygiene (hop-by-hop, forwarding), over a map or a head's lines (`Fields`) |
 //! | [`proxy`] | the per-request flow and the error → status mapping |
 //! | [`upstream`] | per-endpoint connection pools (h1 / h2 / h2c, TLS), timeouts |
-//! | [`h1client`] | cyan's own HTTP/1.1 client for bodiless GET/HEAD: strict framing, no task per connection |
+//! | [`h1client`] | cyan's own HTTP/1.1 client for bodiless GET/HEAD: strict framing, no task per connection; `RawHead`, a head kept as its lines |
+//! | [`h1server`] | cyan's own HTTP/1.1 server path for bodiless GET/HEAD whose head comes whole |
+//! | [`access_log`] | one JSON line per request, formatted by hand on a writer thread |
 //! | [`body`] | request/response body types: idle timeout, end-of-request accounting |
 //! | [`server`] | listeners, accept loop, limits, PROXY protocol, graceful drain |
 //! | [`conns`] | the open client connections: woken by the drain, aborted at its deadline |
