@@ -371,8 +371,10 @@ fn forward<'a>(
             return resp;
         };
 
-        let (client_version, client_upgrade, host_value, request_id, mut up_req) =
-            rewrite_head(svc, conn, f.req, f.lines.as_mut(), &mut f.guard);
+        let client_version = f.req.version();
+        let (client_upgrade, host_value, request_id) =
+            rewrite_head(svc, conn, &mut f.req, f.lines.as_mut(), &mut f.guard);
+        let mut up_req = f.req;
 
         let mut color = color;
         let mut idx = idx;
@@ -467,56 +469,43 @@ fn choose(
 fn rewrite_head(
     svc: &Service,
     conn: &ConnCtx,
-    req: Request<ReqBody>,
+    req: &mut Request<ReqBody>,
     lines: Option<&mut RawHead>,
     guard: &mut RequestGuard,
-) -> (
-    Version,
-    Option<OnUpgrade>,
-    HeaderValue,
-    HeaderValue,
-    Request<ReqBody>,
-) {
-    let (mut parts, body) = req.into_parts();
+) -> (Option<OnUpgrade>, HeaderValue, HeaderValue) {
     let (client_upgrade, host_value, request_id) = match lines {
-        Some(l) => rewrite_fields(svc, conn, &mut parts, l),
+        Some(l) => rewrite_fields(svc, conn, req, l),
         None => {
-            let mut map = std::mem::take(&mut parts.headers);
-            let r = rewrite_fields(svc, conn, &mut parts, &mut map);
-            parts.headers = map;
+            let mut map = std::mem::take(req.headers_mut());
+            let r = rewrite_fields(svc, conn, req, &mut map);
+            *req.headers_mut() = map;
             r
         }
     };
     if let Some(a) = guard.access() {
         a.request_id = Some(request_id.clone());
     }
-    parts.extensions = http::Extensions::new();
-    (
-        parts.version,
-        client_upgrade,
-        host_value,
-        request_id,
-        Request::from_parts(parts, body),
-    )
+    *req.extensions_mut() = http::Extensions::new();
+    (client_upgrade, host_value, request_id)
 }
 
 /// [`rewrite_head`] on the headers, wherever they are held.
 fn rewrite_fields(
     svc: &Service,
     conn: &ConnCtx,
-    parts: &mut http::request::Parts,
+    req: &mut Request<ReqBody>,
     headers: &mut impl FieldsMut,
 ) -> (Option<OnUpgrade>, HeaderValue, HeaderValue) {
-    let upgrade = headers::is_upgrade_request(headers, parts.version);
+    let upgrade = headers::is_upgrade_request(headers, req.version());
     let client_upgrade = if upgrade {
-        parts.extensions.remove::<OnUpgrade>()
+        req.extensions_mut().remove::<OnUpgrade>()
     } else {
         None
     };
     let host_value = match headers.value(&header::HOST) {
         Some(h) => h,
-        None => parts
-            .uri
+        None => req
+            .uri()
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             .unwrap_or_else(|| HeaderValue::from_static("")),

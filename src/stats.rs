@@ -71,12 +71,21 @@ impl Summary {
 }
 
 fn lat_index(d: Duration) -> usize {
-    let us = d.as_micros() as f64;
-    if us <= 1000.0 {
+    // log base √2 of (us / 1000), rounded up, in integers: the smallest i
+    // with us ≤ 1000·√2^i, that is us² ≤ 10^6·2^i. (A float log2 and the
+    // u128 microseconds cost ~150 instructions per request.) Capped at
+    // 2^31 µs (~36 min), far past the last bucket, so us² fits a u64.
+    let us = d
+        .as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from(d.subsec_micros()))
+        .min(1 << 31);
+    if us <= 1000 {
         return 0;
     }
-    // log base √2 of (us / 1000), rounded up.
-    let i = (2.0 * (us / 1000.0).log2()).ceil() as usize;
+    let m = (us * us).div_ceil(1_000_000);
+    // ceil(log2(m)), m ≥ 2.
+    let i = (u64::BITS - (m - 1).leading_zeros()) as usize;
     i.min(LAT_BUCKETS - 1)
 }
 
@@ -100,7 +109,9 @@ impl Window {
     }
 
     fn epoch_at(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.origin).as_millis() as u64 / self.bucket_ms
+        // In u64: `as_millis` is a u128, and its division a library call.
+        let d = at.saturating_duration_since(self.origin);
+        (d.as_secs() * 1000 + u64::from(d.subsec_millis())) / self.bucket_ms
     }
 
     /// Records one finished request. Lock-free; no allocation.
@@ -191,6 +202,47 @@ pub fn wilson(failures: u64, n: u64, z: f64) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_buckets_are_powers_of_root_two_above_a_millisecond() {
+        // The float formula the integer one replaced, away from the exact
+        // bucket bounds where float rounding may fall either way.
+        let float = |us: u64| -> Option<usize> {
+            if us <= 1000 {
+                return Some(0);
+            }
+            let x = 2.0 * (us as f64 / 1000.0).log2();
+            ((x - x.round()).abs() > 1e-9).then(|| (x.ceil() as usize).min(LAT_BUCKETS - 1))
+        };
+        let mut us = 0u64;
+        while us < 100_000_000 {
+            if let Some(want) = float(us) {
+                assert_eq!(lat_index(Duration::from_micros(us)), want, "{us} µs");
+            }
+            us += 1 + us / 1000;
+        }
+        for (us, i) in [
+            (1000, 0),
+            (1001, 1),
+            (1414, 1),
+            (1415, 2),
+            (2000, 2),
+            (2001, 3),
+            (4000, 4),
+        ] {
+            assert_eq!(lat_index(Duration::from_micros(us)), i, "{us} µs");
+        }
+        assert_eq!(lat_index(Duration::from_secs(1 << 40)), LAT_BUCKETS - 1);
+        for i in 0..LAT_BUCKETS - 1 {
+            // Every bucket's bound lands in that bucket.
+            let bound = lat_bound(i).as_micros() as u64;
+            assert!(lat_index(Duration::from_micros(bound)) <= i, "bound of {i}");
+            assert!(
+                lat_index(Duration::from_micros(bound + 2)) > i || i == 0,
+                "past {i}"
+            );
+        }
+    }
 
     #[test]
     fn counts_and_expires() {
