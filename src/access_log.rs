@@ -157,6 +157,8 @@ const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 /// Appends one record's line, newline included, to `out`.
 pub fn format_line(out: &mut Vec<u8>, r: &Record, clock: &mut Clock) {
+    // A line is ~330 bytes: room for it at once.
+    out.reserve(512);
     out.extend_from_slice(b"{\"time\":\"");
     clock.write(out, r.time);
     out.extend_from_slice(b"\",\"request_id\":");
@@ -222,38 +224,57 @@ fn opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     }
 }
 
-/// A JSON string: runs of bytes that need no escape are copied whole.
-/// `s` is UTF-8, so bytes from 0x80 up pass as they are (JSON text is
-/// UTF-8); `"`, `\` and control bytes are escaped. Eight bytes at a time
-/// are checked for one that needs an escape (most strings have none).
+/// A JSON string. `s` is UTF-8, so bytes from 0x80 up pass as they are
+/// (JSON text is UTF-8); `"`, `\` and control bytes are escaped. The whole
+/// string is checked eight bytes at a time first (the last few padded with
+/// a byte that needs none): most strings need no escape and are copied in
+/// one piece.
 fn string(out: &mut Vec<u8>, s: &str) {
     let b = s.as_bytes();
     out.reserve(b.len() + 2);
     out.push(b'"');
-    let mut run = 0;
+    if any_needs_escape(b) {
+        escaped(out, b);
+    } else {
+        out.extend_from_slice(b);
+    }
+    out.push(b'"');
+}
+
+/// Whether some byte of `b` needs an escape. Eight bytes at a time, the
+/// last eight overlapping the ones before when the length is not a
+/// multiple of eight; a string shorter than that byte by byte.
+fn any_needs_escape(b: &[u8]) -> bool {
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    if b.len() < 8 {
+        return b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+    }
     let mut i = 0;
-    while i < b.len() {
-        if let Some(chunk) = b.get(i..i + 8) {
-            let chunk: [u8; 8] = chunk.try_into().unwrap_or_default();
-            if !needs_escape(u64::from_le_bytes(chunk)) {
-                i += 8;
-                continue;
-            }
+    while i + 8 <= b.len() {
+        if needs_escape(word(i)) {
+            return true;
         }
-        let end = (i + 8).min(b.len());
-        while i < end {
-            let c = b[i];
-            i += 1;
-            if c >= 0x20 && c != b'"' && c != b'\\' {
-                continue;
-            }
-            out.extend_from_slice(&b[run..i - 1]);
-            run = i;
-            escape(out, c);
+        i += 8;
+    }
+    i < b.len() && needs_escape(word(b.len() - 8))
+}
+
+/// `b` with its escapes: runs that need none are copied whole.
+fn escaped(out: &mut Vec<u8>, b: &[u8]) {
+    let mut run = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if c >= 0x20 && c != b'"' && c != b'\\' {
+            continue;
         }
+        out.extend_from_slice(&b[run..i]);
+        run = i + 1;
+        escape(out, c);
     }
     out.extend_from_slice(&b[run..]);
-    out.push(b'"');
 }
 
 /// Whether any of the eight bytes is a control byte, `"` or `\`.
@@ -294,23 +315,38 @@ fn int(out: &mut Vec<u8>, n: impl itoa::Integer) {
 fn addr(out: &mut Vec<u8>, a: SocketAddr) {
     match a {
         SocketAddr::V4(v4) => {
-            // `"255.255.255.255:65535"` is 23 bytes.
+            // `"255.255.255.255:65535"` is 23 bytes; built digit by digit
+            // on the stack (no copy call per part), then copied once.
             let mut text = [0u8; 24];
             let mut n = 0;
-            let mut put = |bytes: &[u8]| {
-                text[n..n + bytes.len()].copy_from_slice(bytes);
-                n += bytes.len();
+            let mut push = |c: u8| {
+                text[n] = c;
+                n += 1;
             };
-            put(b"\"");
+            push(b'"');
             for (i, o) in v4.ip().octets().into_iter().enumerate() {
                 if i > 0 {
-                    put(b".");
+                    push(b'.');
                 }
-                put(itoa::Buffer::new().format(o).as_bytes());
+                if o >= 100 {
+                    push(b'0' + o / 100);
+                }
+                if o >= 10 {
+                    push(b'0' + o / 10 % 10);
+                }
+                push(b'0' + o % 10);
             }
-            put(b":");
-            put(itoa::Buffer::new().format(v4.port()).as_bytes());
-            put(b"\"");
+            push(b':');
+            let port = v4.port();
+            let mut div = 10_000;
+            while div > 1 && port < div {
+                div /= 10;
+            }
+            while div > 0 {
+                push(b'0' + (port / div % 10) as u8);
+                div /= 10;
+            }
+            push(b'"');
             out.extend_from_slice(&text[..n]);
         }
         // Display handles compression and scope ids; no character of it
