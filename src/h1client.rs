@@ -330,8 +330,7 @@ impl RawHead {
         if let Some((_, v)) = self.own.iter().find(|(n, _)| n == name) {
             return Some(v.clone());
         }
-        let lower = name.as_str().as_bytes();
-        let (_, v) = self.forwarded_named(lower).next()?;
+        let v = self.get(name.as_str().as_bytes())?;
         HeaderValue::from_maybe_shared(self.head.slice_ref(v)).ok()
     }
 
@@ -375,7 +374,7 @@ impl RawHead {
             .filter(move |(n, _)| n.eq_ignore_ascii_case(lower))
     }
 
-    /// Sets a header on the response: it replaces the lines of that name
+    /// Sets a header: it replaces the lines of that name
     /// (marked out now, once) and an earlier value cyan set for it, as an
     /// insert into a map does.
     pub fn set(&mut self, name: HeaderName, value: HeaderValue) {
@@ -405,8 +404,7 @@ impl RawHead {
         &self.own
     }
 
-    /// The first value of `name` (lowercase letters and `-`) among the
-    /// lines that go on.
+    /// The first value of `name` (lowercase) among the lines that go on.
     pub fn get<'s>(&'s self, name: &'s [u8]) -> Option<&'s [u8]> {
         self.forwarded_named(name).next().map(|(_, v)| v)
     }

@@ -470,7 +470,7 @@ impl Upstream {
     ) -> impl Future<Output = Result<(Response<UpBody>, Option<Pooled>), SendFailure>> + Send + 'a
     {
         use futures_util::future::Either;
-        if self.raw && h1client::eligible(&req) {
+        if self.takes_lines(&req) {
             Either::Left(self.send_raw(req, lines))
         } else {
             if let Some(l) = lines {
@@ -481,8 +481,9 @@ impl Upstream {
         }
     }
 
-    /// Whether `req` goes through cyan's own client, which writes header
-    /// lines as they are (hyper's needs a map).
+    /// Whether `req` goes through cyan's own client (bodiless GET or HEAD
+    /// to a plaintext HTTP/1.1 endpoint), which writes header lines as
+    /// they are (hyper's needs a map).
     pub fn takes_lines(&self, req: &Request<ReqBody>) -> bool {
         self.raw && h1client::eligible(req)
     }
