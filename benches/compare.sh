@@ -261,13 +261,15 @@ TTLS=""
 TPIDS=()
 TMETRICS=""
 declare -A PORT TLSPORT
-for t in cyan cyan-log haproxy nginx cyan-mt haproxy-mt nginx-mt; do
+for t in cyan cyan-log haproxy haproxy-log nginx cyan-mt haproxy-mt nginx-mt; do
     PORT[$t]=$(free_port)
     TLSPORT[$t]=$(free_port)
 done
 
-# start_target NAME: cyan | cyan-log | haproxy | nginx | direct, with -mt for
-# the multi-thread default shape (unpinned).
+# start_target NAME: cyan | cyan-log | haproxy | haproxy-log | nginx | direct,
+# with -mt for the multi-thread default shape (unpinned). haproxy-log is the
+# peer of cyan-log: HAProxy writing an `option httplog` line per request to
+# a file (`log stdout`, stdout redirected), as a container deployment does.
 start_target() {
     local t=$1 dir=$WORK/run-$1 pin=("${PIN_PROXY[@]}")
     rm -rf "$dir"
@@ -296,11 +298,18 @@ start_target() {
         "${pin[@]}" "$CYAN" run --config "$dir/cyan.toml" >"$dir/cyan.log" 2>&1 &
         TPID=$!
         ;;
-    haproxy | haproxy-mt)
+    haproxy | haproxy-mt | haproxy-log)
         sed -e "$subst" -e "s#@NBTHREAD@#1#" "$CFG/haproxy.cfg" >"$dir/haproxy.cfg"
         [[ "$t" == haproxy-mt ]] && sed -i '/nbthread/d' "$dir/haproxy.cfg"
-        cmdlog "$t: ${pin[*]} haproxy -db -f $dir/haproxy.cfg"
-        "${pin[@]}" haproxy -db -f "$dir/haproxy.cfg" >"$dir/haproxy.log" 2>&1 &
+        if [[ "$t" == haproxy-log ]]; then
+            sed -i -e 's/^global$/global\n    log stdout format raw local0/' \
+                -e 's/^defaults$/defaults\n    log global\n    option httplog/' "$dir/haproxy.cfg"
+            cmdlog "$t: ${pin[*]} haproxy -db -f $dir/haproxy.cfg >access.log (log stdout format raw, option httplog)"
+            "${pin[@]}" haproxy -db -f "$dir/haproxy.cfg" >"$dir/access.log" 2>"$dir/haproxy.log" &
+        else
+            cmdlog "$t: ${pin[*]} haproxy -db -f $dir/haproxy.cfg"
+            "${pin[@]}" haproxy -db -f "$dir/haproxy.cfg" >"$dir/haproxy.log" 2>&1 &
+        fi
         TPID=$!
         ;;
     nginx | nginx-mt)
@@ -336,9 +345,9 @@ stop_target() {
 # cyan's access-log drops, when scraped.
 access_log_check() {
     local t=$1 round=$2 dir=$WORK/run-$1
-    [[ "$t" == cyan-log ]] || return 0
-    local dropped lines
-    dropped=$(curl -s -m 2 "http://127.0.0.1:$TMETRICS/metrics" | awk '/^cyan_access_log_dropped_total/ {s += $2} END {print s + 0}')
+    [[ "$t" == cyan-log || "$t" == haproxy-log ]] || return 0
+    local dropped=0 lines
+    [[ "$t" == cyan-log ]] && dropped=$(curl -s -m 2 "http://127.0.0.1:$TMETRICS/metrics" | awk '/^cyan_access_log_dropped_total/ {s += $2} END {print s + 0}')
     lines=$(wc -l <"$dir/access.log" 2>/dev/null || echo 0)
     record "$MODE" "$t" "$round" log_lines "$lines"
     record "$MODE" "$t" "$round" log_dropped "$dropped"
@@ -403,7 +412,7 @@ mode_closed() {
     MODE=closed
     local r t
     for r in $(seq "$ROUNDS"); do
-        for t in cyan cyan-log haproxy nginx direct; do
+        for t in cyan cyan-log haproxy haproxy-log nginx direct; do
             wait_quiet "closed $t r$r"
             start_target "$t"
             warmup
