@@ -674,6 +674,7 @@ async fn access_log_has_one_json_line_per_request() {
     let cfg = config(&template, &[&b], &[&g]);
     let (server, proxy) = start_proxy(&cfg).await;
     let client = h1_client();
+    let before = std::time::SystemTime::now();
     get(
         &client,
         proxy,
@@ -688,6 +689,7 @@ async fn access_log_has_one_json_line_per_request() {
         .unwrap();
     client.request(req).await.unwrap();
     raw_exchange(proxy, b"GET / HTTP/1.1\r\n\r\n", Duration::from_secs(2)).await;
+    let after = std::time::SystemTime::now();
     // Shutting down joins the writer: every line is on disk when it returns.
     server.shutdown().await;
     let read = || std::fs::read_to_string(&path).unwrap_or_default();
@@ -711,6 +713,15 @@ async fn access_log_has_one_json_line_per_request() {
     assert!(first["bytes_out"].as_u64().unwrap() > 0);
     assert!(first["duration_ms"].as_f64().unwrap() > 0.0);
     assert!(first.get("error").is_none());
+    // Each line's time is when its request arrived: within the test's run
+    // and in request order, to the millisecond the text keeps.
+    let times: Vec<std::time::SystemTime> = lines
+        .iter()
+        .map(|l| humantime::parse_rfc3339(l["time"].as_str().unwrap()).expect("RFC 3339 time"))
+        .collect();
+    let ms = Duration::from_millis(1);
+    assert!(times[0] + ms >= before && times[3] <= after, "{times:?}");
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
     assert_eq!(
         (
             lines[1]["color"].as_str(),
