@@ -13,9 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use bytes::BytesMut;
 use http::{HeaderMap, HeaderValue};
 
 use cyan::config::Config;
+use cyan::h1client::RawHead;
+use cyan::headers::Fields;
 use cyan::metrics::Metrics;
 use cyan::table::{Command, Table};
 
@@ -52,9 +55,12 @@ green = {{ endpoints = ["127.0.0.1:9001", "127.0.0.1:9002"] }}
     Table::new(&cfg, Metrics::new()).expect("table")
 }
 
-/// The decision the proxy makes per request, minus I/O.
+/// The decision the proxy makes per request, minus I/O. `headers` is a
+/// `HeaderMap` (hyper's server: HTTP/2, and HTTP/1.1 requests cyan's own
+/// server does not take) or the head's lines (`RawHead`: cyan's own
+/// HTTP/1.1 server).
 #[inline]
-fn decide(t: &Table, headers: &HeaderMap, ip: IpAddr) -> usize {
+fn decide(t: &Table, headers: &impl Fields, ip: IpAddr) -> usize {
     let snapshot = t.load();
     let svc = snapshot
         .route(0, "shop.example.com:8080", "/checkout/cart")
@@ -78,6 +84,12 @@ fn route_decision(c: &mut Criterion) {
     h.insert("user-agent", HeaderValue::from_static("bench"));
     g.bench_function("sticky_header", |b| {
         b.iter(|| black_box(decide(&t, black_box(&h), ip)))
+    });
+    let lines = head_lines(
+        b"GET /checkout/cart HTTP/1.1\r\nHost: shop.example.com:8080\r\nx-user-id: user-4711\r\naccept: */*\r\nuser-agent: bench\r\n\r\n",
+    );
+    g.bench_function("sticky_header_lines", |b| {
+        b.iter(|| black_box(decide(&t, black_box(&lines), ip)))
     });
     g.finish();
 
@@ -112,6 +124,14 @@ fn route_decision(c: &mut Criterion) {
     let pool = svc.pool(cyan::config::Color::Blue);
     g.bench_function("pick_p2c", |b| b.iter(|| black_box(pool.pick(None))));
     g.finish();
+}
+
+/// A request head as cyan's own HTTP/1.1 server holds it.
+fn head_lines(head: &[u8]) -> RawHead {
+    match cyan::h1server::parse(BytesMut::from(head)) {
+        Ok(p) => p.head,
+        Err(_) => panic!("the bench's head parses"),
+    }
 }
 
 fn swaps_under_readers(c: &mut Criterion) {

@@ -184,9 +184,18 @@ pub fn host_without_port(host: &str) -> &str {
             None => host,
         }
     } else {
-        match host.rfind(':') {
-            Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
-            _ => host,
+        // Back over the port's digits to a colon, if there is one: a
+        // reverse `find` called memrchr for a dozen bytes (~7 % of a route
+        // decision, `perf`).
+        let b = host.as_bytes();
+        let mut i = b.len();
+        while i > 0 && b[i - 1].is_ascii_digit() {
+            i -= 1;
+        }
+        if i > 0 && b[i - 1] == b':' {
+            &host[..i - 1]
+        } else {
+            host
         }
     }
 }
@@ -990,6 +999,29 @@ green = { endpoints = ["127.0.0.1:9201"] }
         assert_eq!(host_without_port("a.b"), "a.b");
         assert_eq!(host_without_port("[::1]:8080"), "[::1]");
         assert_eq!(host_without_port("[::1]"), "[::1]");
+        assert_eq!(host_without_port("a.b:"), "a.b");
+        assert_eq!(host_without_port("a:b"), "a:b");
+        assert_eq!(host_without_port("8080"), "8080");
+        assert_eq!(host_without_port(":80"), "");
+        assert_eq!(host_without_port("a:1:2"), "a:1");
+        // Against the rule as first written: the last colon, when only
+        // digits follow it.
+        let reference = |h: &str| match h.rfind(':') {
+            Some(i) if h[i + 1..].bytes().all(|b| b.is_ascii_digit()) => h[..i].to_string(),
+            _ => h.to_string(),
+        };
+        let alphabet = ['a', '.', ':', '1', '9', '-'];
+        for n in 0..6u32 {
+            for k in 0..alphabet.len().pow(n) {
+                let mut h = String::new();
+                let mut k = k;
+                for _ in 0..n {
+                    h.push(alphabet[k % alphabet.len()]);
+                    k /= alphabet.len();
+                }
+                assert_eq!(host_without_port(&h), reference(&h), "{h:?}");
+            }
+        }
     }
 
     #[test]
