@@ -175,7 +175,8 @@ pub fn p2c(n: usize, exclude: Option<usize>, load: impl Fn(usize) -> u32) -> Opt
             // onto its range (multiply-shift; the bias, m / 2^32, is nil
             // for any pool): one thread-local generator step, not two.
             let r = fastrand::u64(..);
-            let scale = |half: u64, len: usize| ((half & 0xffff_ffff) * len as u64 >> 32) as usize;
+            let scale =
+                |half: u64, len: usize| (((half & 0xffff_ffff) * len as u64) >> 32) as usize;
             let a = scale(r, m);
             let mut b = scale(r >> 32, m - 1);
             if b >= a {
@@ -368,7 +369,10 @@ mod tests {
             }
             for (i, w) in want.iter().enumerate() {
                 let share = hits[i] as f64 / draws as f64;
-                assert!((share - w / 6.0).abs() < 0.02, "n {n} exclude {exclude:?}: {hits:?}");
+                assert!(
+                    (share - w / 6.0).abs() < 0.02,
+                    "n {n} exclude {exclude:?}: {hits:?}"
+                );
             }
         }
     }
