@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by callgrind (the same on a busy
+# machine, unlike time). The target runs under valgrind twice, for N and for
+# 2N requests, and the difference over N is the per-request count: start-up,
+# TLS handshakes and warm-up drop out.
+#
+#   bash benches/callgrind.sh [cyan|haproxy] [h1|h2] [N]
+#
+# h1: plaintext HTTP/1.1 keep-alive, `h2load --h1 -c16`; h2: HTTP/2 over
+# TLS 1.3, `h2load -c16 -m10`. Defaults: cyan h1 12000. Backends: two nginx
+# on loopback, as in compare.sh (its config files are used here too).
+#
+# Environment: CYAN (binary, default target/release/cyan; nothing is built
+# here), CACHE=1 (simulate caches: I1/D1 misses per request too),
+# CYAN_EXTRA (TOML appended to cyan's config, e.g. an [access_log] table),
+# KEEP=1 (keep the work dir with the callgrind files).
+#
+# Traffic goes to 127.0.0.1 only; everything started is stopped by PID.
+set -euo pipefail
+
+TARGET=${1:-cyan}
+PROTO=${2:-h1}
+N=${3:-12000}
+HERE=$(cd "$(dirname "$0")" && pwd)
+CFG=$HERE/compare
+CYAN=${CYAN:-$HERE/../target/release/cyan}
+CACHE=${CACHE:-0}
+
+for tool in valgrind callgrind_annotate nginx h2load openssl python3; do
+    command -v "$tool" >/dev/null || { echo "callgrind.sh: $tool is missing" >&2; exit 2; }
+done
+case "$TARGET" in
+cyan) [[ -x "$CYAN" ]] || { echo "callgrind.sh: no cyan binary at $CYAN (cargo build --release)" >&2; exit 2; } ;;
+haproxy) command -v haproxy >/dev/null || { echo "callgrind.sh: haproxy is missing" >&2; exit 2; } ;;
+*) echo "callgrind.sh: target is cyan or haproxy, not '$TARGET'" >&2; exit 2 ;;
+esac
+[[ "$PROTO" == h1 || "$PROTO" == h2 ]] || { echo "callgrind.sh: protocol is h1 or h2, not '$PROTO'" >&2; exit 2; }
+[[ "$N" =~ ^[0-9]+$ ]] && ((N > 0)) || { echo "callgrind.sh: N is a positive count, not '$N'" >&2; exit 2; }
+
+WORK=$(mktemp -d /tmp/cyan-callgrind.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    [[ "${KEEP:-0}" == 1 ]] && echo "kept $WORK" || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+PIN_PROXY=() PIN_LOAD=()
+if (($(nproc) >= 2)); then PIN_PROXY=(taskset -c 0) PIN_LOAD=(taskset -c 1); fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+    local i
+    for i in $(seq 300); do
+        (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+BLUE=$(free_port) GREEN=$(free_port) PORT=$(free_port) TLS=$(free_port)
+for b in blue:$BLUE green:$GREEN; do
+    name=${b%:*} port=${b#*:}
+    mkdir -p "$WORK/$name"
+    sed -e "s#@NAME@#$name#g; s#@PORT@#$port#g; s#@PREFIX@#$WORK/$name#g; s#@CHUNKED@##" \
+        "$CFG/backend.nginx.conf" >"$WORK/$name/nginx.conf"
+    "${PIN_LOAD[@]}" nginx -p "$WORK/$name" -c "$WORK/$name/nginx.conf" -e "$WORK/$name/error.log" &
+    PIDS+=($!)
+done
+wait_port "$BLUE" && wait_port "$GREEN" || { echo "callgrind.sh: backends did not start" >&2; exit 1; }
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/combined.pem"
+subst="s#@PORT@#$PORT#g; s#@TLS_PORT@#$TLS#g; s#@BLUE@#$BLUE#g; s#@GREEN@#$GREEN#g; s#@PREFIX@#$WORK#g; s#@CERT@#$WORK/cert.pem#g; s#@KEY@#$WORK/key.pem#g; s#@PEM@#$WORK/combined.pem#g"
+sed -e "$subst" "$CFG/cyan.toml" >"$WORK/cyan.toml"
+[[ -n "${CYAN_EXTRA:-}" ]] && printf '\n%s\n' "$CYAN_EXTRA" >>"$WORK/cyan.toml"
+sed -e "$subst" -e "s#@NBTHREAD@#1#" "$CFG/haproxy.cfg" >"$WORK/haproxy.cfg"
+
+# count N OUT: runs the target under callgrind for N requests; prints the total.
+count() {
+    local n=$1 out=$2 pid
+    local vg=(valgrind --tool=callgrind "--callgrind-out-file=$out")
+    ((CACHE)) && vg+=(--cache-sim=yes)
+    if [[ "$TARGET" == cyan ]]; then
+        "${PIN_PROXY[@]}" "${vg[@]}" "$CYAN" run --config "$WORK/cyan.toml" >"$out.log" 2>&1 &
+    else
+        "${PIN_PROXY[@]}" "${vg[@]}" haproxy -db -f "$WORK/haproxy.cfg" >"$out.log" 2>&1 &
+    fi
+    pid=$!
+    # Runs in a command substitution: the parent's cleanup does not see
+    # this PID, so a failure stops it here.
+    fail() { echo "callgrind.sh: $*" >&2; kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; exit 1; }
+    local port=$PORT
+    [[ "$PROTO" == h2 ]] && port=$TLS
+    wait_port "$port" || fail "$TARGET did not start: $(tail -3 "$out.log")"
+    sleep 1
+    if [[ "$PROTO" == h1 ]]; then
+        "${PIN_LOAD[@]}" h2load --h1 -c16 -n "$n" "http://127.0.0.1:$PORT/" >"$out.load" 2>&1
+    else
+        "${PIN_LOAD[@]}" h2load -c16 -m10 -n "$n" "https://127.0.0.1:$TLS/" >"$out.load" 2>&1
+    fi
+    grep -q " $n succeeded" "$out.load" || fail "not every request succeeded: $(grep -E '^requests:' "$out.load")"
+    # cyan drains on SIGINT; HAProxy in the foreground (-db) stops on SIGTERM.
+    if [[ "$TARGET" == cyan ]]; then kill -INT "$pid"; else kill -TERM "$pid"; fi
+    wait "$pid" || true
+    # The events line names the columns; the summary line holds the totals.
+    awk '/^events:/ {for (i = 2; i <= NF; i++) name[i - 1] = $i}
+         /^summary:/ {for (i = 2; i <= NF; i++) printf "%s=%s ", name[i - 1], $i; print ""}' "$out"
+}
+
+echo "callgrind.sh: $TARGET $PROTO, $N and $((2 * N)) requests (h2load -c16$([[ $PROTO == h2 ]] && echo ' -m10, TLS 1.3'))"
+one=$(count "$N" "$WORK/one.cg")
+two=$(count "$((2 * N))" "$WORK/two.cg")
+echo "$N requests:   $one"
+echo "$((2 * N)) requests: $two"
+python3 - "$N" "$one" "$two" <<'EOF'
+import sys
+n = int(sys.argv[1])
+one = dict(kv.split("=") for kv in sys.argv[2].split())
+two = dict(kv.split("=") for kv in sys.argv[3].split())
+print("per request:  " + "  ".join(f"{k} {(int(two[k]) - int(one[k])) / n:,.0f}" for k in one))
+EOF
