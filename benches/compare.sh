@@ -418,8 +418,8 @@ mode_closed() {
             warmup
             local c0 c1 f=$WORK/wrk-closed-$t-$r.txt
             c0=$(cpu_ticks "${TPIDS[@]}")
-            ((r == 1)) && cmdlog "closed $t: ${PIN_LOAD[*]} wrk -t1 -c64 -d${DUR}s --latency http://127.0.0.1:$TPORT/"
-            "${PIN_LOAD[@]}" wrk -t1 -c64 -d"${DUR}s" --latency "http://127.0.0.1:$TPORT/" >"$f" 2>&1
+            ((r == 1)) && cmdlog "closed $t: ${PIN_LOAD[*]} wrk -t1 -c64 -d${DUR}s --latency -s benches/compare/users.lua http://127.0.0.1:$TPORT/"
+            "${PIN_LOAD[@]}" wrk -t1 -c64 -d"${DUR}s" --latency -s "$CFG/users.lua" "http://127.0.0.1:$TPORT/" >"$f" 2>&1
             c1=$(cpu_ticks "${TPIDS[@]}")
             read -r req rps p50 p99 bad < <(parse_wrk "$f")
             record closed "$t" "$r" rps "$rps"
@@ -481,8 +481,8 @@ mode_tls() {
             start_target "$t"
             warmup https
             c0=$(cpu_ticks "${TPIDS[@]}")
-            ((r == 1)) && cmdlog "tls-h1 $t: ${PIN_LOAD[*]} wrk -t1 -c64 -d${DUR_SHORT}s --latency $url"
-            "${PIN_LOAD[@]}" wrk -t1 -c64 -d"${DUR_SHORT}s" --latency "$url" >"$f-wrk.txt" 2>&1
+            ((r == 1)) && cmdlog "tls-h1 $t: ${PIN_LOAD[*]} wrk -t1 -c64 -d${DUR_SHORT}s --latency -s benches/compare/users.lua $url"
+            "${PIN_LOAD[@]}" wrk -t1 -c64 -d"${DUR_SHORT}s" --latency -s "$CFG/users.lua" "$url" >"$f-wrk.txt" 2>&1
             c1=$(cpu_ticks "${TPIDS[@]}")
             read -r req rps p50 p99 bad < <(parse_wrk "$f-wrk.txt")
             record tls "$t" "$r" h1_rps "$rps"
@@ -559,12 +559,12 @@ mode_syscalls() {
             start_target "$t"
             warmup
             for p in "${TPIDS[@]}"; do pargs+=(-p "$p"); done
-            ((r == 1)) && cmdlog "syscalls $t: strace -c -f -o OUT ${pargs[*]} & sleep 1; ${PIN_LOAD[*]} wrk -t1 -c16 -d2s http://127.0.0.1:$TPORT/; kill -INT strace"
+            ((r == 1)) && cmdlog "syscalls $t: strace -c -f -o OUT ${pargs[*]} & sleep 1; ${PIN_LOAD[*]} wrk -t1 -c16 -d2s -s benches/compare/users.lua http://127.0.0.1:$TPORT/; kill -INT strace"
             strace -c -f -o "$f.strace" "${pargs[@]}" 2>"$f.strace-err" &
             local spid=$!
             PIDS+=("$spid")
             sleep 1
-            "${PIN_LOAD[@]}" wrk -t1 -c16 -d2s "http://127.0.0.1:$TPORT/" >"$f.wrk" 2>&1
+            "${PIN_LOAD[@]}" wrk -t1 -c16 -d2s -s "$CFG/users.lua" "http://127.0.0.1:$TPORT/" >"$f.wrk" 2>&1
             kill -INT "$spid" 2>/dev/null || true
             for _ in $(seq 100); do kill -0 "$spid" 2>/dev/null || break; sleep 0.1; done
             stop_pid "$spid"
@@ -589,12 +589,12 @@ mode_syscalls() {
             warmup
             local plist ppid req2 bad2 pcalls
             plist=$(IFS=,; echo "${TPIDS[*]}")
-            ((r == 1)) && cmdlog "syscalls $t: perf stat -e raw_syscalls:sys_enter -p $plist -- sleep 3 & sleep 0.5; ${PIN_LOAD[*]} wrk -t1 -c16 -d2s http://127.0.0.1:$TPORT/"
+            ((r == 1)) && cmdlog "syscalls $t: perf stat -e raw_syscalls:sys_enter -p $plist -- sleep 3 & sleep 0.5; ${PIN_LOAD[*]} wrk -t1 -c16 -d2s -s benches/compare/users.lua http://127.0.0.1:$TPORT/"
             perf stat -x, -e raw_syscalls:sys_enter -p "$plist" -o "$f.perf" -- sleep 3 &
             ppid=$!
             PIDS+=("$ppid")
             sleep 0.5
-            "${PIN_LOAD[@]}" wrk -t1 -c16 -d2s "http://127.0.0.1:$TPORT/" >"$f.wrk2" 2>&1
+            "${PIN_LOAD[@]}" wrk -t1 -c16 -d2s -s "$CFG/users.lua" "http://127.0.0.1:$TPORT/" >"$f.wrk2" 2>&1
             for _ in $(seq 100); do kill -0 "$ppid" 2>/dev/null || break; sleep 0.1; done
             stop_pid "$ppid"
             read -r req2 _ _ _ bad2 < <(parse_wrk "$f.wrk2")
