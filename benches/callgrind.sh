@@ -40,6 +40,7 @@ esac
 WORK=$(mktemp -d /tmp/cyan-callgrind.XXXXXX)
 PIDS=()
 cleanup() {
+    [[ -s "$WORK/target.pid" ]] && kill -KILL "$(cat "$WORK/target.pid")" 2>/dev/null
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     [[ "${KEEP:-0}" == 1 ]] && echo "kept $WORK" || rm -rf "$WORK"
@@ -89,9 +90,11 @@ count() {
         "${PIN_PROXY[@]}" "${vg[@]}" haproxy -db -f "$WORK/haproxy.cfg" >"$out.log" 2>&1 &
     fi
     pid=$!
-    # Runs in a command substitution: the parent's cleanup does not see
-    # this PID, so a failure stops it here.
-    fail() { echo "callgrind.sh: $*" >&2; kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; exit 1; }
+    # Runs in a command substitution: the parent's PIDS does not see this
+    # PID, so it goes in a file the cleanup reads, and a failure stops it
+    # here.
+    echo "$pid" >"$WORK/target.pid"
+    fail() { echo "callgrind.sh: $*" >&2; kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; exit 1; }
     local port=$PORT
     [[ "$PROTO" == h2 ]] && port=$TLS
     wait_port "$port" || fail "$TARGET did not start: $(tail -3 "$out.log")"
@@ -104,7 +107,14 @@ count() {
     grep -q " $n succeeded" "$out.load" || fail "not every request succeeded: $(grep -E '^requests:' "$out.load")"
     # cyan drains on SIGINT; HAProxy in the foreground (-db) stops on SIGTERM.
     if [[ "$TARGET" == cyan ]]; then kill -INT "$pid"; else kill -TERM "$pid"; fi
+    local i
+    for i in $(seq 300); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    kill -0 "$pid" 2>/dev/null && fail "$TARGET did not stop within 60 s of its signal"
     wait "$pid" || true
+    rm -f "$WORK/target.pid"
     # The events line names the columns; the summary line holds the totals.
     awk '/^events:/ {for (i = 2; i <= NF; i++) name[i - 1] = $i}
          /^summary:/ {for (i = 2; i <= NF; i++) printf "%s=%s ", name[i - 1], $i; print ""}' "$out"

@@ -304,6 +304,12 @@ start_target() {
         if [[ "$t" == haproxy-log ]]; then
             sed -i -e 's/^global$/global\n    log stdout format raw local0/' \
                 -e 's/^defaults$/defaults\n    log global\n    option httplog/' "$dir/haproxy.cfg"
+            # The edit keys on two bare lines of haproxy.cfg; had they
+            # changed, the variant would run silently without its log.
+            if ! grep -q '^    option httplog$' "$dir/haproxy.cfg" || ! grep -q '^    log stdout' "$dir/haproxy.cfg"; then
+                log "haproxy-log: could not turn HAProxy's log on in $dir/haproxy.cfg"
+                return 1
+            fi
             cmdlog "$t: ${pin[*]} haproxy -db -f $dir/haproxy.cfg >access.log (log stdout format raw, option httplog)"
             "${pin[@]}" haproxy -db -f "$dir/haproxy.cfg" >"$dir/access.log" 2>"$dir/haproxy.log" &
         else

@@ -487,15 +487,22 @@ impl<'a> SlotStats<'a> {
                 Estimate::Pooled => 0.99,
                 Estimate::SlotMedian => 0.5,
             };
+            if v.is_empty() {
+                return f64::NAN;
+            }
             v.sort_unstable();
             quantile(v, q).max(1) as f64
         };
         at(&mut swapping) / at(&mut quiet)
     }
 
-    /// The 5th and 95th percentiles of the estimate over 200 resamplings.
+    /// The 5th and 95th percentiles of the estimate over 200 resamplings
+    /// (NaN when the run has no slot of one of the modes).
     fn interval(&self, how: Estimate) -> (f64, f64) {
         let n = self.slots.len();
+        if !(self.slots.iter().any(|(s, _)| *s) && self.slots.iter().any(|(s, _)| !*s)) {
+            return (f64::NAN, f64::NAN);
+        }
         let mut rng = 0x2545_f491_4f6c_dd1d_u64;
         let mut next = move || {
             rng ^= rng << 13;
@@ -509,6 +516,8 @@ impl<'a> SlotStats<'a> {
                 self.estimate(&pick, how)
             })
             .collect();
+        // A resample that drew no slot of one mode has no ratio: NaN, and
+        // sorted last; with hundreds of slots of each it does not happen.
         est.sort_by(|a, b| a.total_cmp(b));
         (est[10], est[189])
     }

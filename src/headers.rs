@@ -311,7 +311,11 @@ pub fn name_is(name: &[u8], lower: &[u8]) -> bool {
 /// `eq_ignore_ascii_case` has it. A lookup of a nine-byte name cost ~15 ns
 /// byte by byte on the bench VM, most of a sticky route decision.
 #[inline]
-pub fn name_eq_lower(name: &[u8], lower: &[u8]) -> bool {
+pub(crate) fn name_eq_lower(name: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(
+        !lower.iter().any(u8::is_ascii_uppercase),
+        "name_eq_lower: `lower` must be lowercase"
+    );
     if name.len() != lower.len() {
         return false;
     }
