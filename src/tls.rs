@@ -42,13 +42,15 @@ fn file_err(path: &Path, reason: impl ToString) -> TlsError {
 /// The process's crypto provider (aws-lc-rs: includes the X25519MLKEM768
 /// post-quantum key exchange).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    seed_random(&provider);
+    Arc::new(provider)
 }
 
-/// Draws from the provider's random source once per process, so that its
-/// one-time seeding runs while the config is loaded rather than inside the
-/// first client's handshake. aws-lc seeds its generator from CPU jitter on
-/// first use: ~420 M instructions (callgrind), 43 ms on the 2-vCPU bench VM,
+/// Draws from the provider's random source once per process (every TLS
+/// config is built on [`provider`]), so that its one-time seeding runs
+/// while the config is loaded rather than inside the first client's
+/// handshake. aws-lc seeds its generator from CPU jitter on first use: ~420 M instructions (callgrind), 43 ms on the 2-vCPU bench VM,
 /// during which a one-worker proxy served nothing (first handshake 47 ms,
 /// the next ones 3.7 ms, `curl -w %{time_appconnect}`).
 fn seed_random(provider: &CryptoProvider) {
@@ -188,9 +190,7 @@ pub fn server_config(tls: &ListenerTls) -> Result<(Arc<ServerConfig>, Arc<SniRes
     let resolver = Arc::new(SniResolver {
         store: ArcSwap::from_pointee(CertStore::load(tls)?),
     });
-    let provider = provider();
-    seed_random(&provider);
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(resolver.clone());
@@ -222,9 +222,7 @@ pub fn upstream_tls(
             roots.add_parsable_certificates(native.certs);
         }
     }
-    let provider = provider();
-    seed_random(&provider);
-    let mut cfg = ClientConfig::builder_with_provider(provider)
+    let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_root_certificates(roots)
         .with_no_client_auth();
