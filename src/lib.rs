@@ -20,7 +20,8 @@
 //!              headers::check_request            reject smuggling / bad Host / CONNECT
 //!                                                 (headers read through headers::Fields:
 //!                                                 a map, or a head's lines)
-//!              let table = table.load();          ONE snapshot per request
+//!              let table = table.snapshot();      ONE snapshot per request (the thread's
+//!                                                 copy while no change was committed)
 //!              let svc   = table.route(..)?;      listener + host + path
 //!              let color = split::choose_color()  override > sticky bucket > draw
 //!              let ep    = split::pick_endpoint() P2C on in-flight, eligible only

@@ -1,7 +1,7 @@
 //! The per-request flow and the one place errors become statuses.
 //!
 //! ```text
-//! check_request ─► table.load() ─► route (404) ─► read the body ahead (up
+//! check_request ─► table.snapshot() ─► route (404) ─► read the body ahead (up
 //!   to request_buffer_bytes; the table again if it moved meanwhile) ─► route
 //!   ─► choose color ─► pick endpoint ─► rewrite head
 //!   ─► Upstream::send ─┬─► response (streamed back)
@@ -213,7 +213,7 @@ fn admit(table: &Table, conn: &ConnCtx, req: Request<ClientIn>) -> Admitted {
         Ok(h) => h,
         Err(r) => return Admitted::Answer(reject(conn, r, guard)),
     };
-    let snapshot = table.load();
+    let snapshot = table.snapshot();
     if let Some(a) = guard.access() {
         a.generation = snapshot.generation;
     }
@@ -260,7 +260,7 @@ async fn read_ahead(table: &Table, conn: &ConnCtx, mut f: Box<Forward>) -> Respo
     if let Err(e) = f.req.body_mut().buffer(limit).await {
         return client_body_error(conn, &e, f.guard);
     }
-    let now = table.load();
+    let now = table.snapshot();
     if now.generation != f.snapshot.generation {
         // The table moved while the body came: route again on it (the head
         // was checked before).
