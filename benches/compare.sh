@@ -2,12 +2,12 @@
 # Side-by-side load benchmark: cyan vs HAProxy 2.6 vs nginx 1.22 vs direct,
 # on loopback, one proxy at a time, interleaved rounds. See benches/README.md.
 #
-#   bash benches/compare.sh                 # everything (~15 min), writes benches/RESULTS.md
+#   bash benches/compare.sh                 # everything (~25 min), writes benches/RESULTS.md
 #   MODES="closed mem" bash benches/compare.sh
 #
 # Knobs (environment):
 #   MODES        closed fixed tls mem syscalls mt (default: all)
-#   ROUNDS       3; DUR 10 (closed-loop seconds); DUR_SHORT 8 (fixed-rate,
+#   ROUNDS       5; DUR 10 (closed-loop seconds); DUR_SHORT 8 (fixed-rate,
 #                TLS, multi-thread seconds); RATE 5000; IDLE_CONNS 2000
 #   OUT          benches/RESULTS.md
 #   SKIP_BUILD=1 use target/release/cyan as it is
@@ -24,9 +24,11 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
 CFG=$HERE/compare
 MODES=${MODES:-"closed fixed tls mem syscalls mt"}
-ROUNDS=${ROUNDS:-3}
+# Five rounds: on a shared host one round's ratios swing by 10-40 %, more
+# than some targets' margins; the report counts the rounds that met each.
+ROUNDS=${ROUNDS:-5}
 DUR=${DUR:-10}
-# Fixed-rate, TLS and multi-thread runs: a little shorter, to fit ~15 min.
+# Fixed-rate, TLS and multi-thread runs: a little shorter, to fit ~25 min.
 DUR_SHORT=${DUR_SHORT:-8}
 RATE=${RATE:-5000}
 IDLE_CONNS=${IDLE_CONNS:-2000}
