@@ -621,15 +621,15 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     for (i, &l) in lines.iter().enumerate() {
         let (name, value) = line_of(&head, l);
         match name.len() {
-            10 if crate::headers::name_is(name, b"connection") => {
+            10 if crate::headers::name_eq_lower(name, b"connection") => {
                 close |= crate::headers::list_has_token(value, b"close");
                 keep_alive |= crate::headers::list_has_token(value, b"keep-alive");
             }
-            14 if crate::headers::name_is(name, b"content-length") => {
+            14 if crate::headers::name_eq_lower(name, b"content-length") => {
                 cl_lines += 1;
                 cl_last = i;
             }
-            17 if crate::headers::name_is(name, b"transfer-encoding") => te_last = Some(i),
+            17 if crate::headers::name_eq_lower(name, b"transfer-encoding") => te_last = Some(i),
             _ => {}
         }
     }
@@ -703,7 +703,7 @@ fn values_of<'a>(
     lines
         .iter()
         .map(move |&l| line_of(head, l))
-        .filter(move |(n, _)| crate::headers::name_is(n, name))
+        .filter(move |(n, _)| crate::headers::name_eq_lower(n, name))
         .map(|(_, v)| v)
 }
 

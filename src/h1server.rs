@@ -198,10 +198,10 @@ where
             "cyan sets a raw answer's headers on its lines"
         );
         for (name, value) in raw.forwarded() {
-            if !no_body && crate::headers::name_is(name, b"content-length") {
+            if !no_body && crate::headers::name_eq_lower(name, b"content-length") {
                 continue;
             }
-            date_sent |= crate::headers::name_is(name, b"date");
+            date_sent |= crate::headers::name_eq_lower(name, b"date");
             header_line(&mut out, name, value);
         }
         if raw.te_trailers() {

@@ -287,29 +287,18 @@ fn connection_has_token(headers: &impl Fields, token: &[u8]) -> bool {
         .any(|v| list_has_token(v, token))
 }
 
-/// Whether header name `name` (as it came, any case) is `lower`, a name of
-/// lowercase letters and `-`. Without branching per byte: OR-ing 0x20 turns
-/// an uppercase letter into its lowercase one and keeps `-`; no other byte
-/// lands on a lowercase letter that way, and only CR on `-` (CR is in no
-/// name or header value httparse hands out).
-pub fn name_is(name: &[u8], lower: &[u8]) -> bool {
-    name.len() == lower.len()
-        && name
-            .iter()
-            .zip(lower)
-            .fold(0u8, |acc, (&a, &b)| acc | ((a | 0x20) ^ b))
-            == 0
-}
-
 /// Whether header name `name` (as it came, any case) is `lower`, a
 /// lowercase name (a `HeaderName`'s text). Eight bytes at a time: each
 /// word of `name` has its uppercase ASCII letters lowered (a byte is
 /// uppercase when its low seven bits are at least `A` and below `[`, found
 /// by adding to them in every byte at once, no carry crossing a byte) and
-/// is compared whole; a name under eight bytes byte by byte. Any byte from
-/// 0x80 keeps its top bit and so never equals a byte of `lower`, as
-/// `eq_ignore_ascii_case` has it. A lookup of a nine-byte name cost ~15 ns
-/// byte by byte on the bench VM, most of a sticky route decision.
+/// is compared whole; a name under eight bytes is one word, zero-padded.
+/// Any byte from 0x80 keeps its top bit and so never equals a byte of
+/// `lower`, as `eq_ignore_ascii_case` has it. A lookup of a nine-byte name
+/// cost ~15 ns byte by byte on the bench VM, most of a sticky route
+/// decision. Every name compare of the request and response paths goes
+/// through here (it replaced `name_is`, an OR-0x20 fold that also took
+/// CR for `-`).
 #[inline]
 pub(crate) fn name_eq_lower(name: &[u8], lower: &[u8]) -> bool {
     debug_assert!(
@@ -320,9 +309,6 @@ pub(crate) fn name_eq_lower(name: &[u8], lower: &[u8]) -> bool {
         return false;
     }
     let n = name.len();
-    if n < 8 {
-        return name.eq_ignore_ascii_case(lower);
-    }
     let word = |b: &[u8], i: usize| {
         let mut w = [0u8; 8];
         w.copy_from_slice(&b[i..i + 8]);
@@ -339,6 +325,14 @@ pub(crate) fn name_eq_lower(name: &[u8], lower: &[u8]) -> bool {
         let upper = from_a & !past_z & TOP & !w;
         w | (upper >> 2)
     };
+    if n < 8 {
+        let short = |b: &[u8]| {
+            b.iter()
+                .rev()
+                .fold(0u64, |w, &byte| (w << 8) | u64::from(byte))
+        };
+        return lowered(short(name)) == short(lower);
+    }
     let mut i = 0;
     while i + 8 <= n {
         if lowered(word(name, i)) != word(lower, i) {
@@ -494,7 +488,7 @@ fn hop_by_hop_bit(name: &HeaderName) -> u8 {
 
 /// [`hop_by_hop_bit`] for a name as it came (any case).
 fn hop_by_hop_name(s: &[u8]) -> u8 {
-    let is = |n: &[u8]| name_is(s, n);
+    let is = |n: &[u8]| name_eq_lower(s, n);
     match s.len() {
         2 if is(b"te") => HOP_TE,
         7 if is(b"upgrade") => HOP_UPGRADE,
