@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use http::{HeaderMap, HeaderValue};
 
 use cyan::config::Config;
@@ -84,9 +84,7 @@ fn route_decision(c: &mut Criterion) {
     g.bench_function("sticky_header", |b| {
         b.iter(|| black_box(decide(&t, black_box(&h), ip)))
     });
-    let lines = head_lines(
-        b"GET /checkout/cart HTTP/1.1\r\nHost: shop.example.com:8080\r\nuser-agent: okhttp/4.12.0\r\naccept: application/json\r\naccept-encoding: gzip\r\naccept-language: en-GB\r\nauthorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.x\r\nx-request-id: 6f1c2b7e-1d2a-4c1b-9f00-5b1e2a3c4d5e\r\nx-user-id: user-4711\r\n\r\n",
-    );
+    let lines = client_lines();
     g.bench_function("sticky_header_lines", |b| {
         b.iter(|| black_box(decide(&t, black_box(&lines), ip)))
     });
@@ -150,9 +148,11 @@ fn client_headers() -> HeaderMap {
     h
 }
 
-/// A request head as cyan's own HTTP/1.1 server holds it.
-fn head_lines(head: &[u8]) -> RawHead {
-    match cyan::h1server::parse(BytesMut::from(head)) {
+/// The same request as cyan's own HTTP/1.1 server holds it: the head's
+/// lines.
+fn client_lines() -> RawHead {
+    let head = b"GET /checkout/cart HTTP/1.1\r\nHost: shop.example.com:8080\r\nuser-agent: okhttp/4.12.0\r\naccept: application/json\r\naccept-encoding: gzip\r\naccept-language: en-GB\r\nauthorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.x\r\nx-request-id: 6f1c2b7e-1d2a-4c1b-9f00-5b1e2a3c4d5e\r\nx-user-id: user-4711\r\n\r\n";
+    match cyan::h1server::parse(BytesMut::from(&head[..])) {
         Ok(p) => p.head,
         Err(_) => panic!("the bench's head parses"),
     }
@@ -213,4 +213,45 @@ fn swaps_under_readers(c: &mut Criterion) {
 }
 
 criterion_group!(benches, route_decision, swaps_under_readers);
-criterion_main!(benches);
+
+/// With `HOT_PATH_COUNT=N` and `HOT_PATH_MODE` (`draw`, `sticky_map`,
+/// `sticky_lines`, `route`, `pick`), runs that decision N times and exits, for
+/// an instruction count that a busy machine does not move:
+/// `bash benches/route_ir.sh` runs it under callgrind for N and 2N and
+/// prints the difference over N. Otherwise criterion.
+fn main() {
+    let Some(n) = std::env::var("HOT_PATH_COUNT")
+        .ok()
+        .and_then(|n| n.parse::<u64>().ok())
+    else {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+        return;
+    };
+    let mode = std::env::var("HOT_PATH_MODE").unwrap_or_else(|_| "draw".into());
+    let ip: IpAddr = "203.0.113.9".parse().unwrap();
+    let t = table(mode != "draw");
+    let (empty, map, lines) = (HeaderMap::new(), client_headers(), client_lines());
+    let snap = t.load();
+    let svc = snap.route(0, "shop.example.com", "/").expect("route");
+    let mut acc = 0usize;
+    for _ in 0..n {
+        acc = acc.wrapping_add(match mode.as_str() {
+            "draw" => decide(&t, black_box(&empty), ip),
+            "sticky_map" => decide(&t, black_box(&map), ip),
+            "sticky_lines" => decide(&t, black_box(&lines), ip),
+            "route" => snap
+                .route(
+                    0,
+                    black_box("shop.example.com:8080"),
+                    black_box("/checkout/cart"),
+                )
+                .is_some() as usize,
+            "pick" => svc.pool(cyan::config::Color::Blue).pick(None).unwrap_or(0),
+            other => {
+                panic!("HOT_PATH_MODE {other:?}: draw, sticky_map, sticky_lines, route or pick")
+            }
+        });
+    }
+    black_box(acc);
+}
