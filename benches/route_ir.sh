@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Instructions per route decision, counted by callgrind: the same on a busy
-# machine, where the criterion times of `hot_path` swing by 20 %.
+# machine, where the criterion times of `hot_path` swing by 20-40 %.
 #
 #   bash benches/route_ir.sh [MODE...]     (default: all five modes)
 #
