@@ -871,9 +871,10 @@ impl Table {
     /// is this thread's copy: one atomic load and a weak reference's
     /// upgrade, 61 instructions where [`Table::load`] (arc-swap's debt
     /// slots) takes 91 (callgrind), 6.1 against 11.8 ns (`cargo bench
-    /// --bench hot_path -- parts/snapshot`). A reader that sees a new stamp before the table it names
-    /// reads a newer table than that stamp's, never an older one; a reader
-    /// that still sees the old stamp reads as if just before the change.
+    /// --bench hot_path -- parts/snapshot`). A reader that sees a new
+    /// stamp before the table it names reads a newer table than that
+    /// stamp's, never an older one; a reader that still sees the old stamp
+    /// reads as if just before the change.
     #[inline]
     pub fn snapshot(&self) -> Arc<RoutingTable> {
         let stamp = self.stamp.load(Ordering::Acquire);
