@@ -292,12 +292,42 @@ pub struct RawHead {
     /// `Cookie`, `X-Request-Id` on a request), and most of those differ in
     /// length from every name it does.
     lens: u64,
+    /// Each of the first [`INDEXED`] lines' name length, one byte a line
+    /// (255 for 255 and longer; 0 past the last line): the lines a name
+    /// could be on are found by comparing all sixteen bytes at once
+    /// ([`candidates`]), not by reading each line. A hint only: a candidate
+    /// is checked against the line (it may have been marked out since).
+    len_at: [u8; INDEXED],
 }
 
 /// The bit of [`RawHead::lens`] for names `n` bytes long.
 #[inline]
 fn len_bit(n: usize) -> u64 {
     1 << (n % 64)
+}
+
+/// How many lines [`RawHead::len_at`] indexes; the lines past them are
+/// read one by one. Clients send 5-15 header lines; browsers up to ~20.
+const INDEXED: usize = 16;
+
+/// Notes line `i`'s name length in `len_at`, as [`RawHead::len_at`] keeps it.
+#[inline]
+fn index_len(len_at: &mut [u8; INDEXED], i: usize, name_len: usize) {
+    if let Some(at) = len_at.get_mut(i) {
+        *at = name_len.min(255) as u8;
+    }
+}
+
+/// The indexed lines whose name could be `n` bytes long: bit `8 * i` set for
+/// line `i`. Bytes equal to `n` are the zero bytes of `len_at ^ n`; a byte's
+/// low seven bits plus 0x7f carries into its top bit only when they are
+/// not all zero, and never into the next byte.
+#[inline]
+fn candidates(len_at: &[u8; INDEXED], n: usize) -> u128 {
+    const LOW7: u128 = u128::from_le_bytes([0x7f; INDEXED]);
+    const ONES: u128 = u128::from_le_bytes([0x01; INDEXED]);
+    let x = u128::from_le_bytes(*len_at) ^ (n.min(255) as u128 * ONES);
+    !(((x & LOW7) + LOW7) | x | LOW7) >> 7
 }
 
 /// In a line's name end: the line goes on. Offsets are below 2^24 (a head
@@ -311,15 +341,18 @@ impl RawHead {
     /// hop-by-hop ones out.
     pub(crate) fn request(head: Bytes, lines: Vec<[u32; 4]>) -> RawHead {
         let mut lines = lines.into_boxed_slice();
-        let mut lens = 0;
-        for l in lines.iter_mut() {
-            lens |= len_bit((l[1] - l[0]) as usize);
+        let (mut lens, mut len_at) = (0, [0; INDEXED]);
+        for (i, l) in lines.iter_mut().enumerate() {
+            let n = (l[1] - l[0]) as usize;
+            lens |= len_bit(n);
+            index_len(&mut len_at, i, n);
             l[1] |= GOES_ON;
         }
         RawHead {
             head,
             lines,
             lens,
+            len_at,
             ..RawHead::default()
         }
     }
@@ -409,6 +442,31 @@ impl RawHead {
         self.forwarded_named(name).next().map(|(_, v)| v)
     }
 
+    /// [`Fields::first`](crate::headers::Fields::first) past the length
+    /// index: the lines after the first [`INDEXED`], then what cyan set.
+    /// Out of line, so that the indexed lookup saves fewer registers.
+    #[inline(never)]
+    fn first_unindexed<'s>(&'s self, name: &HeaderName, lower: &[u8]) -> Option<&'s [u8]> {
+        if self.lens & len_bit(lower.len()) != 0 {
+            for &[n0, n1, v0, v1] in self.lines.get(INDEXED..).unwrap_or_default() {
+                // A line that goes on has `GOES_ON` in its name's end:
+                // flipped off, the offsets give the name's length; a line
+                // marked out gets the bit flipped on and never has it. The
+                // length is read before any byte is.
+                let end = n1 ^ GOES_ON;
+                if end.wrapping_sub(n0) as usize == lower.len()
+                    && crate::headers::name_eq_lower(&self.head[n0 as usize..end as usize], lower)
+                {
+                    return Some(&self.head[v0 as usize..v1 as usize]);
+                }
+            }
+        }
+        self.own
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_bytes())
+    }
+
     /// Whether a `te: trailers` line goes on in place of the `TE` lines.
     pub fn te_trailers(&self) -> bool {
         self.te_trailers
@@ -482,26 +540,36 @@ impl crate::headers::Fields for RawHead {
     /// lookups go through here, and the iterator chain with a byte-wise
     /// compare was about half of a sticky route decision (`perf`, `cargo
     /// bench --bench hot_path -- sticky_header_lines`: 69.8 -> 42 ns).
+    ///
+    /// The lines a name of its length is on come from the length index
+    /// ([`candidates`]): one compare for the first sixteen lines, not one a
+    /// line (`bash benches/route_ir.sh sticky_lines`: 498 -> 461
+    /// instructions a sticky decision).
     fn first<'s>(&'s self, name: &'s HeaderName) -> Option<&'s [u8]> {
         let lower = name.as_str().as_bytes();
         if self.lens & len_bit(lower.len()) != 0 {
-            for &[n0, n1, v0, v1] in &self.lines {
-                // A line that goes on has `GOES_ON` in its name's end:
-                // flipped off, the offsets give the name's length; a line
-                // marked out gets the bit flipped on and never has it. The
-                // length is read before any byte is.
-                let end = n1 ^ GOES_ON;
-                if end.wrapping_sub(n0) as usize == lower.len()
-                    && crate::headers::name_eq_lower(&self.head[n0 as usize..end as usize], lower)
+            let mut at = candidates(&self.len_at, lower.len());
+            while at != 0 {
+                let i = at.trailing_zeros() as usize / 8;
+                at &= at - 1;
+                let Some(&[n0, n1, v0, v1]) = self.lines.get(i) else {
+                    break;
+                };
+                // A line marked out since it was indexed is passed over.
+                if n1 & GOES_ON != 0
+                    && crate::headers::name_eq_lower(
+                        &self.head[n0 as usize..(n1 ^ GOES_ON) as usize],
+                        lower,
+                    )
                 {
                     return Some(&self.head[v0 as usize..v1 as usize]);
                 }
             }
         }
-        self.own
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_bytes())
+        if self.lines.len() > INDEXED || !self.own.is_empty() {
+            return self.first_unindexed(name, lower);
+        }
+        None
     }
 
     fn has(&self, name: &HeaderName) -> bool {
@@ -562,7 +630,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     // offsets of its name and value in the frozen head below. The parser's
     // array is left uninitialized: zeroing 100 headers cost more than
     // parsing a head.
-    let (len, mut lines, status, version, lens) = {
+    let (len, mut lines, status, version, lens, len_at) = {
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
         let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -579,8 +647,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         };
         let base = buf.as_ptr() as usize;
         let mut lines = Vec::with_capacity(resp.headers.len());
-        let mut lens = 0;
-        for h in resp.headers.iter() {
+        let (mut lens, mut len_at) = (0, [0; INDEXED]);
+        for (i, h) in resp.headers.iter().enumerate() {
             // httparse takes what a `HeaderName` and a `HeaderValue` take
             // (tokens; tab, visible ASCII and obs-text), as each must become
             // one for hyper's server, but for a name's length, which a
@@ -592,6 +660,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             // Its slices are of `buf`: the offsets are exact and below 2^24
             // (`GOES_ON` is free).
             lens |= len_bit(h.name.len());
+            index_len(&mut len_at, i, h.name.len());
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
             lines.push([
@@ -601,7 +670,14 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
                 (value + h.value.len()) as u32,
             ]);
         }
-        (len, lines, resp.code.unwrap_or(0), resp.version, lens)
+        (
+            len,
+            lines,
+            resp.code.unwrap_or(0),
+            resp.version,
+            lens,
+            len_at,
+        )
     };
     let status = StatusCode::from_u16(status).map_err(|_| RawError::Invalid("invalid status"))?;
     let version = if version == Some(0) {
@@ -681,6 +757,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         framed_twice: te_last.is_some() && cl_lines > 0,
         own: Vec::new(),
         lens,
+        len_at,
     };
     Ok(Some(Parsed::Final(parts, raw, framing, reuse)))
 }
@@ -1243,12 +1320,33 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// The length index names exactly the indexed lines whose name has
+        /// the length looked up (255 standing for 255 and longer), and no
+        /// slot past the last line.
+        #[test]
+        fn the_length_index_names_the_lines_of_that_length(
+            lens in proptest::collection::vec(proptest::prop_oneof![1usize..12, 250usize..300], 0..=INDEXED),
+            n in proptest::prop_oneof![1usize..12, 250usize..300],
+        ) {
+            let mut len_at = [0; INDEXED];
+            for (i, &l) in lens.iter().enumerate() {
+                index_len(&mut len_at, i, l);
+            }
+            let want = lens
+                .iter()
+                .enumerate()
+                .filter(|&(_, &l)| l.min(255) == n.min(255))
+                .fold(0u128, |m, (i, _)| m | 1 << (8 * i));
+            proptest::prop_assert_eq!(candidates(&len_at, n), want);
+        }
+
         /// The request path reads and rewrites a head held as lines as it
         /// does a map: the same answers to every lookup, and the same
         /// headers going upstream, whichever client sends them.
         #[test]
         fn a_head_held_as_lines_is_read_and_rewritten_as_the_map_is(
-            picks in proptest::collection::vec((0usize..20, 0usize..16), 0..9),
+            // Up to 24 lines: past the sixteen the length index holds.
+            picks in proptest::collection::vec((0usize..20, 0usize..16), 0..24),
             trusted in proptest::bool::ANY,
             tls in proptest::bool::ANY,
             drop_override in proptest::bool::ANY,
