@@ -47,37 +47,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-PIN_PROXY=() PIN_LOAD=()
-if (($(nproc) >= 2)); then PIN_PROXY=(taskset -c 0) PIN_LOAD=(taskset -c 1); fi
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    local i
-    for i in $(seq 300); do
-        (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.2
-    done
-    return 1
-}
-
-BLUE=$(free_port) GREEN=$(free_port) PORT=$(free_port) TLS=$(free_port)
-for b in blue:$BLUE green:$GREEN; do
-    name=${b%:*} port=${b#*:}
-    mkdir -p "$WORK/$name"
-    sed -e "s#@NAME@#$name#g; s#@PORT@#$port#g; s#@PREFIX@#$WORK/$name#g; s#@CHUNKED@##" \
-        "$CFG/backend.nginx.conf" >"$WORK/$name/nginx.conf"
-    "${PIN_LOAD[@]}" nginx -p "$WORK/$name" -c "$WORK/$name/nginx.conf" -e "$WORK/$name/error.log" &
-    PIDS+=($!)
-done
-wait_port "$BLUE" && wait_port "$GREEN" || { echo "callgrind.sh: backends did not start" >&2; exit 1; }
-
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
-    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
-cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/combined.pem"
-subst="s#@PORT@#$PORT#g; s#@TLS_PORT@#$TLS#g; s#@BLUE@#$BLUE#g; s#@GREEN@#$GREEN#g; s#@PREFIX@#$WORK#g; s#@CERT@#$WORK/cert.pem#g; s#@KEY@#$WORK/key.pem#g; s#@PEM@#$WORK/combined.pem#g"
-sed -e "$subst" "$CFG/cyan.toml" >"$WORK/cyan.toml"
-[[ -n "${CYAN_EXTRA:-}" ]] && printf '\n%s\n' "$CYAN_EXTRA" >>"$WORK/cyan.toml"
-sed -e "$subst" -e "s#@NBTHREAD@#1#" "$CFG/haproxy.cfg" >"$WORK/haproxy.cfg"
+# shellcheck source=benches/lab.sh
+source "$HERE/lab.sh"
+lab_up
 
 # count N OUT: runs the target under callgrind for N requests; prints the total.
 count() {

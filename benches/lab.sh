@@ -1,0 +1,47 @@
+# The loopback lab of callgrind.sh and pgo.sh, sourced by both: two nginx
+# backends (blue, green) on the load generator's CPU, a self-signed
+# certificate, and cyan's and HAProxy's configs from benches/compare/ with
+# their ports filled in. compare.sh builds the same lab itself, with more
+# targets and per-target ports.
+#
+# Before `lab_up`: WORK (a fresh directory), CFG (benches/compare), PIDS (an
+# array; the backends' PIDs are added for the caller's cleanup). After it:
+# PORT (plaintext listener), TLS (TLS listener), BLUE, GREEN, PIN_PROXY and
+# PIN_LOAD (taskset prefixes: CPU 0 for the proxy, CPU 1 for the rest, or
+# nothing on one CPU), $WORK/cyan.toml (plus CYAN_EXTRA when set),
+# $WORK/haproxy.cfg.
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_port() {
+    local i
+    for i in $(seq 300); do
+        (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+lab_up() {
+    PIN_PROXY=() PIN_LOAD=()
+    if (($(nproc) >= 2)); then PIN_PROXY=(taskset -c 0) PIN_LOAD=(taskset -c 1); fi
+    BLUE=$(free_port) GREEN=$(free_port) PORT=$(free_port) TLS=$(free_port)
+    local b name port
+    for b in blue:$BLUE green:$GREEN; do
+        name=${b%:*} port=${b#*:}
+        mkdir -p "$WORK/$name"
+        sed -e "s#@NAME@#$name#g; s#@PORT@#$port#g; s#@PREFIX@#$WORK/$name#g; s#@CHUNKED@##" \
+            "$CFG/backend.nginx.conf" >"$WORK/$name/nginx.conf"
+        "${PIN_LOAD[@]}" nginx -p "$WORK/$name" -c "$WORK/$name/nginx.conf" -e "$WORK/$name/error.log" &
+        PIDS+=($!)
+    done
+    wait_port "$BLUE" && wait_port "$GREEN" || { echo "lab.sh: backends did not start" >&2; return 1; }
+
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+        -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+    cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/combined.pem"
+    local subst="s#@PORT@#$PORT#g; s#@TLS_PORT@#$TLS#g; s#@BLUE@#$BLUE#g; s#@GREEN@#$GREEN#g; s#@PREFIX@#$WORK#g; s#@CERT@#$WORK/cert.pem#g; s#@KEY@#$WORK/key.pem#g; s#@PEM@#$WORK/combined.pem#g"
+    sed -e "$subst" "$CFG/cyan.toml" >"$WORK/cyan.toml"
+    if [[ -n "${CYAN_EXTRA:-}" ]]; then printf '\n%s\n' "$CYAN_EXTRA" >>"$WORK/cyan.toml"; fi
+    sed -e "$subst" -e "s#@NBTHREAD@#1#" "$CFG/haproxy.cfg" >"$WORK/haproxy.cfg"
+}

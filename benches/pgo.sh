@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# A profile-guided (PGO) build of cyan: an instrumented build serves a
+# training load in the loopback lab (benches/lab.sh: HTTP/1.1 with sticky
+# users, HTTP/2 and HTTP/1.1 over TLS 1.3), and the profile it writes on
+# exit guides a second, optimized build. Same code, same features; the
+# compiler lays out and inlines for the paths the load took.
+#
+#   bash benches/pgo.sh        # -> target/pgo/release/cyan (~12 minutes on 2 cores)
+#
+# Then, e.g.: CYAN=target/pgo/release/cyan bash benches/callgrind.sh,
+# CYAN_BIN=target/pgo/release/cyan bash benches/compare.sh.
+#
+# Needs llvm-profdata from rustc's own LLVM (`rustup component add
+# llvm-tools`; Debian's llvm-profdata is an older LLVM that cannot read
+# rustc's profiles; LLVM_PROFDATA overrides the path), and nginx, wrk,
+# h2load, openssl, python3 for the lab. Traffic goes to 127.0.0.1 only;
+# everything started is stopped by PID. What it measured: benches/README.md
+# ("Profile-guided build").
+
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+CFG=$HERE/compare
+
+host=$(rustc -vV | sed -n 's/^host: //p')
+PROFDATA=${LLVM_PROFDATA:-$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata}
+if [[ ! -x "$PROFDATA" ]]; then
+    echo "pgo.sh: no llvm-profdata at $PROFDATA; run: rustup component add llvm-tools" >&2
+    exit 2
+fi
+for tool in nginx wrk h2load openssl python3; do
+    command -v "$tool" >/dev/null || { echo "pgo.sh: $tool is missing" >&2; exit 2; }
+done
+
+WORK=$(mktemp -d /tmp/cyan-pgo.XXXXXX)
+PIDS=()
+TPID=
+cleanup() {
+    [[ -n "$TPID" ]] && kill -KILL "$TPID" 2>/dev/null
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Flags the caller set stay; the profile flags come on top.
+flags=${RUSTFLAGS:-}
+
+echo "pgo.sh: instrumented build (target/pgo-gen)"
+RUSTFLAGS="$flags -Cprofile-generate=$WORK/raw" CARGO_TARGET_DIR="$ROOT/target/pgo-gen" \
+    cargo build --release --locked --manifest-path "$ROOT/Cargo.toml"
+# Build scripts ran instrumented too; only cyan's own run counts.
+rm -rf "$WORK/raw"
+
+# shellcheck source=benches/lab.sh
+source "$HERE/lab.sh"
+lab_up
+"${PIN_PROXY[@]}" "$ROOT/target/pgo-gen/release/cyan" run --config "$WORK/cyan.toml" >"$WORK/cyan.log" 2>&1 &
+TPID=$!
+wait_port "$PORT" && wait_port "$TLS" || { echo "pgo.sh: cyan did not start: $(tail -3 "$WORK/cyan.log")" >&2; exit 1; }
+
+echo "pgo.sh: training load"
+load() {
+    local out
+    out=$("${PIN_LOAD[@]}" "$@" 2>&1) || { echo "pgo.sh: $* failed: $out" >&2; exit 1; }
+    grep -E '^requests:|Requests/sec' <<<"$out" | sed 's/^/  /'
+    if grep -qE 'Non-2xx|Socket errors|[1-9][0-9]* failed' <<<"$out"; then
+        echo "pgo.sh: errors in the training load: $out" >&2
+        exit 1
+    fi
+}
+load wrk -t1 -c64 -d10s -s "$CFG/users.lua" "http://127.0.0.1:$PORT/"
+load h2load --h1 -c16 -n 30000 "http://127.0.0.1:$PORT/"
+load h2load -c16 -m10 -n 100000 "https://127.0.0.1:$TLS/"
+load wrk -t1 -c64 -d5s -s "$CFG/users.lua" "https://127.0.0.1:$TLS/"
+
+# cyan drains on SIGTERM and writes its profile as it exits.
+kill -TERM "$TPID"
+for _ in $(seq 300); do
+    kill -0 "$TPID" 2>/dev/null || break
+    sleep 0.2
+done
+if kill -0 "$TPID" 2>/dev/null; then
+    echo "pgo.sh: cyan did not stop within 60 s of SIGTERM" >&2
+    exit 1
+fi
+wait "$TPID" || { echo "pgo.sh: cyan exited with an error: $(tail -3 "$WORK/cyan.log")" >&2; exit 1; }
+TPID=
+compgen -G "$WORK/raw/*.profraw" >/dev/null || { echo "pgo.sh: cyan wrote no profile" >&2; exit 1; }
+
+mkdir -p "$ROOT/target/pgo"
+"$PROFDATA" merge -o "$WORK/cyan.profdata" "$WORK/raw"
+# Named by its content: a new profile changes RUSTFLAGS, so cargo rebuilds
+# everything with it instead of keeping what the last profile built.
+profile=$ROOT/target/pgo/cyan-$(sha256sum "$WORK/cyan.profdata" | cut -c1-16).profdata
+mv "$WORK/cyan.profdata" "$profile"
+echo "pgo.sh: optimized build (target/pgo, profile $(basename "$profile"))"
+RUSTFLAGS="$flags -Cprofile-use=$profile" CARGO_TARGET_DIR="$ROOT/target/pgo" \
+    cargo build --release --locked --manifest-path "$ROOT/Cargo.toml"
+echo "pgo.sh: built $ROOT/target/pgo/release/cyan"
