@@ -47,11 +47,15 @@ trap cleanup EXIT
 # Flags the caller set stay; the profile flags come on top.
 flags=${RUSTFLAGS:-}
 
+# A fixed path: the instrumented build names it, and a second run of this
+# script reuses that build.
+RAW=$ROOT/target/pgo-gen/profraw
 echo "pgo.sh: instrumented build (target/pgo-gen)"
-RUSTFLAGS="$flags -Cprofile-generate=$WORK/raw" CARGO_TARGET_DIR="$ROOT/target/pgo-gen" \
+RUSTFLAGS="$flags -Cprofile-generate=$RAW" CARGO_TARGET_DIR="$ROOT/target/pgo-gen" \
     cargo build --release --locked --manifest-path "$ROOT/Cargo.toml"
-# Build scripts ran instrumented too; only cyan's own run counts.
-rm -rf "$WORK/raw"
+# Build scripts ran instrumented too, and so may an earlier training run
+# have: only this run of cyan counts.
+rm -rf "$RAW"
 
 # shellcheck source=benches/lab.sh
 source "$HERE/lab.sh"
@@ -87,10 +91,10 @@ if kill -0 "$TPID" 2>/dev/null; then
 fi
 wait "$TPID" || { echo "pgo.sh: cyan exited with an error: $(tail -3 "$WORK/cyan.log")" >&2; exit 1; }
 TPID=
-compgen -G "$WORK/raw/*.profraw" >/dev/null || { echo "pgo.sh: cyan wrote no profile" >&2; exit 1; }
+compgen -G "$RAW/*.profraw" >/dev/null || { echo "pgo.sh: cyan wrote no profile" >&2; exit 1; }
 
 mkdir -p "$ROOT/target/pgo"
-"$PROFDATA" merge -o "$WORK/cyan.profdata" "$WORK/raw"
+"$PROFDATA" merge -o "$WORK/cyan.profdata" "$RAW"
 # Named by its content: a new profile changes RUSTFLAGS, so cargo rebuilds
 # everything with it instead of keeping what the last profile built.
 profile=$ROOT/target/pgo/cyan-$(sha256sum "$WORK/cyan.profdata" | cut -c1-16).profdata
