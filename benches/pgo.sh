@@ -98,6 +98,7 @@ mkdir -p "$ROOT/target/pgo"
 # Named by its content: a new profile changes RUSTFLAGS, so cargo rebuilds
 # everything with it instead of keeping what the last profile built.
 profile=$ROOT/target/pgo/cyan-$(sha256sum "$WORK/cyan.profdata" | cut -c1-16).profdata
+rm -f "$ROOT"/target/pgo/cyan-*.profdata
 mv "$WORK/cyan.profdata" "$profile"
 echo "pgo.sh: optimized build (target/pgo, profile $(basename "$profile"))"
 RUSTFLAGS="$flags -Cprofile-use=$profile" CARGO_TARGET_DIR="$ROOT/target/pgo" \
