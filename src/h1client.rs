@@ -552,17 +552,15 @@ impl crate::headers::Fields for RawHead {
             while at != 0 {
                 let i = at.trailing_zeros() as usize / 8;
                 at &= at - 1;
-                let Some(&[n0, n1, v0, v1]) = self.lines.get(i) else {
+                let Some(&line) = self.lines.get(i) else {
                     break;
                 };
                 // A line marked out since it was indexed is passed over.
-                if n1 & GOES_ON != 0
-                    && crate::headers::name_eq_lower(
-                        &self.head[n0 as usize..(n1 ^ GOES_ON) as usize],
-                        lower,
-                    )
-                {
-                    return Some(&self.head[v0 as usize..v1 as usize]);
+                if line[1] & GOES_ON != 0 {
+                    let (n, v) = line_of(&self.head, line);
+                    if crate::headers::name_eq_lower(n, lower) {
+                        return Some(v);
+                    }
                 }
             }
         }
