@@ -642,6 +642,20 @@ impl TempDir {
     }
 }
 
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -1083,16 +1097,11 @@ pub async fn http_get_once(addr: SocketAddr, path: &str) -> std::io::Result<(u16
     Ok((status, body))
 }
 
-/// A fresh, empty directory under the system temp dir, unique per call.
-pub fn tmpdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "cyan-test-{tag}-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("create temp dir");
-    d
+/// A fresh, empty directory under the system temp dir, unique per call,
+/// removed when the test drops it (declared first in a test, it outlives
+/// the instance whose state and socket it holds).
+pub fn tmpdir(tag: &str) -> TempDir {
+    TempDir::new(tag)
 }
 
 /// Starts a whole cyan instance from config text; returns it and the address
