@@ -16,16 +16,18 @@
 # percentile are what the code costs; the median also holds the host's
 # interruptions, which on this VM come in bursts of seconds.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 [ $# -ge 2 ] || {
     echo "usage: bash benches/ab.sh OLD_BIN NEW_BIN [FILTER] [ROUNDS]" >&2
     exit 2
 }
-OLD=$1 NEW=$2 FILTER=${3:-route_decision} ROUNDS=${4:-6}
-for b in "$OLD" "$NEW"; do
-    [ -x "$b" ] || { echo "ab.sh: $b is not an executable" >&2; exit 2; }
+for b in "$1" "$2"; do
+    [ -f "$b" ] && [ -x "$b" ] || { echo "ab.sh: $b is not an executable" >&2; exit 2; }
 done
+OLD=$(realpath "$1") NEW=$(realpath "$2") FILTER=${3:-route_decision} ROUNDS=${4:-6}
+cd "$(dirname "$0")/.."
+# Where criterion writes the samples read below, whatever the environment.
+export CRITERION_HOME=$PWD/target/criterion
 
 stamp=$(mktemp)
 trap 'rm -f "$stamp"' EXIT
@@ -39,15 +41,15 @@ for round in $(seq "$ROUNDS"); do
             echo "ab.sh: $bin failed" >&2
             exit 1
         }
-        find target/criterion -path '*/new/sample.json' -newer "$stamp" |
+        find "$CRITERION_HOME" -path '*/new/sample.json' -newer "$stamp" |
             sort | python3 -c '
-import json, sys
-round, side = sys.argv[1], sys.argv[2]
+import json, os, sys
+round, side, home = sys.argv[1], sys.argv[2], sys.argv[3]
 for path in sys.stdin.read().split():
     d = json.load(open(path))
     x = sorted(t / i for t, i in zip(d["times"], d["iters"]))
-    bench = path.split("target/criterion/")[1].rsplit("/new/", 1)[0]
+    bench = os.path.relpath(path, home).rsplit("/new/", 1)[0]
     print(f"round {round} {side}  {bench:40} min {x[0]:7.1f}  p10 {x[len(x) // 10]:7.1f}  median {x[len(x) // 2]:7.1f} ns")
-' "$round" "$side"
+' "$round" "$side" "$CRITERION_HOME"
     done
 done

@@ -114,6 +114,9 @@ struct KillRun {
     rollback: Option<Duration>,
     /// The proxy's in-flight count on green just before the kill.
     proxy_in_flight: u32,
+    /// The app's state and admin socket: removed with the run, after the
+    /// caller's `app.shutdown()` (a destructured `app` drops first).
+    _dir: TempDir,
 }
 
 /// Green (a child process, answers held back `green_delay_ms`) takes 10 %
@@ -185,6 +188,7 @@ async fn kill_green_under_load(
         killed,
         rollback,
         proxy_in_flight,
+        _dir: dir,
     }
 }
 
