@@ -55,7 +55,7 @@ async fn raw_admin(dir: &Path, request: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_changes_the_split_with_generation_guards() {
-    let dir = tmpdir("api");
+    let dir = TempDir::new("api");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let (app, proxy) = start_app(&cp_config(&dir, 0.0, "", &b, &g)).await;
 
@@ -159,7 +159,7 @@ async fn admin_api_changes_the_split_with_generation_guards() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_admin_requests_change_nothing() {
-    let dir = tmpdir("bad");
+    let dir = TempDir::new("bad");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let (app, _) = start_app(&cp_config(&dir, 10.0, "max_body_bytes = 1024", &b, &g)).await;
     let split = "/v1/services/gateway/split";
@@ -269,7 +269,7 @@ async fn bad_admin_requests_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_socket_is_private_and_never_stolen() {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let dir = tmpdir("sock");
+    let dir = TempDir::new("sock");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let sock = dir.join("admin.sock");
     // A stale socket from a crash is replaced.
@@ -292,7 +292,7 @@ async fn the_socket_is_private_and_never_stolen() {
     app.shutdown().await;
 
     // A path that is not a socket is never deleted.
-    let dir2 = tmpdir("notsock");
+    let dir2 = TempDir::new("notsock");
     std::fs::write(dir2.join("admin.sock"), b"precious").unwrap();
     let cfg = Config::parse(&cp_config(&dir2, 0.0, "", &b, &g)).unwrap();
     let err = App::start(cfg, None, false).await.unwrap_err();
@@ -302,7 +302,7 @@ async fn the_socket_is_private_and_never_stolen() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_outside_the_uid_allowlist_are_refused() {
-    let dir = tmpdir("uid");
+    let dir = TempDir::new("uid");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let (app, _) = start_app(&cp_config(&dir, 0.0, "allowed_uids = [54321]", &b, &g)).await;
     let (s, v) = admin(
@@ -330,7 +330,7 @@ async fn peers_outside_the_uid_allowlist_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_tokens_have_roles() {
-    let dir = tmpdir("tokens");
+    let dir = TempDir::new("tokens");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     std::fs::write(dir.join("ops.token"), "operate-secret\n").unwrap();
     let read_hash: String = cyan::config::sha256(b"read-secret")
@@ -395,7 +395,7 @@ async fn tcp_tokens_have_roles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_storm_under_load_fails_no_request() {
-    let dir = tmpdir("storm");
+    let dir = TempDir::new("storm");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let (app, proxy) = start_app(&cp_config(&dir, 50.0, "", &b, &g)).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -469,7 +469,7 @@ async fn split_storm_under_load_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_the_persisted_state() {
-    let dir = tmpdir("restart");
+    let dir = TempDir::new("restart");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let text = cp_config(&dir, 5.0, "", &b, &g);
     let (app, _) = start_app(&text).await;
@@ -536,7 +536,7 @@ async fn a_restart_resumes_the_persisted_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_under_load_keep_the_split_and_reject_bad_configs() {
-    let dir = tmpdir("reload");
+    let dir = TempDir::new("reload");
     let (b, g, g2) = (
         Backend::start("blue").await,
         Backend::start("green").await,
@@ -655,7 +655,7 @@ async fn cyan_run(
 /// The binary itself: SIGHUP reloads, SIGTERM drains and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
-    let dir = tmpdir("bin");
+    let dir = TempDir::new("bin");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let path = dir.join("cyan.toml");
     let text = cp_config(&dir, 0.0, "", &b, &g);
@@ -706,7 +706,7 @@ async fn log_lines_carry_their_priority_when_stderr_is_the_journal() {
     use std::io::Read;
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     for journal in [true, false] {
-        let dir = tmpdir(if journal { "journal" } else { "no-journal" });
+        let dir = TempDir::new(if journal { "journal" } else { "no-journal" });
         let path = dir.join("cyan.toml");
         let text = cp_config(&dir, 0.0, "", &b, &g);
         std::fs::write(&path, &text).unwrap();
@@ -1296,7 +1296,7 @@ async fn admin_connection_cap_sheds_extra_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_admin_clients_time_out() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tmpdir("slow-admin");
+    let dir = TempDir::new("slow-admin");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let (app, _) = start_app(&cp_config(&dir, 0.0, "request_timeout = \"300ms\"", &b, &g)).await;
     // A head that never finishes: the connection is closed.

@@ -131,7 +131,7 @@ async fn kill_green_under_load(
     green_delay_ms: u64,
     service_tables: &str,
 ) -> KillRun {
-    let dir = tmpdir(tag);
+    let dir = TempDir::new(tag);
     let blue = LocalBackend::start("blue", Duration::ZERO).await;
     let mut green = ChildBackend::spawn("green", green_delay_ms).await;
     let text = with_endpoints(
@@ -525,7 +525,7 @@ async fn a_flapping_green_is_rolled_back_once_and_stays_latched() {
     use cyan::ctl::{call, Target};
     use http::Method;
     let _one_at_a_time = HEAVY.lock().await;
-    let dir = tmpdir("flap");
+    let dir = TempDir::new("flap");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     // Fast active checks that follow every flap (rise = fall = 1; passive
     // ejection off, or a 10 s ejection would hide the flapping).
@@ -734,7 +734,7 @@ async fn refused(addr: SocketAddr) -> bool {
 async fn drain_with_hundreds_in_flight_completes_them_and_refuses_new_connections() {
     let _one_at_a_time = HEAVY.lock().await;
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
-    let dir = tmpdir("drain");
+    let dir = TempDir::new("drain");
     let base = open_sockets();
     let text = app_config(&dir, 0.0, &[&b], &[&g], "", "", "").replace(
         "drain_timeout = \"5s\"",

@@ -31,7 +31,7 @@ fn cfg(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_green_is_rolled_back_within_three_seconds() {
-    let dir = tmpdir("fail");
+    let dir = TempDir::new("fail");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let (app, proxy) = start_app(&cfg(&dir, 20.0, &[&b], &[&g], "", "")).await;
     let load = Load::start(proxy, 4, "/");
@@ -125,7 +125,7 @@ async fn failing_green_is_rolled_back_within_three_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_green_that_fails_some_requests_is_rolled_back() {
-    let dir = tmpdir("partial");
+    let dir = TempDir::new("partial");
     let (b, g1, g2) = (
         Backend::start("blue").await,
         Backend::start("green").await,
@@ -191,7 +191,7 @@ async fn slow_backend(delay: Duration) -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_green_is_rolled_back() {
-    let dir = tmpdir("slow");
+    let dir = TempDir::new("slow");
     let (b, placeholder) = (Backend::start("blue").await, Backend::start("green").await);
     let slow = slow_backend(Duration::from_millis(600)).await;
     let text = cfg(&dir, 30.0, &[&b], &[&placeholder], "", "")
@@ -218,7 +218,7 @@ async fn a_slow_green_is_rolled_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_4xx_is_not_a_failure() {
-    let dir = tmpdir("4xx");
+    let dir = TempDir::new("4xx");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let (app, proxy) = start_app(&cfg(&dir, 30.0, &[&b], &[&g], "", "")).await;
     g.force_status.store(404, Ordering::SeqCst);
@@ -242,7 +242,7 @@ async fn a_storm_of_4xx_is_not_a_failure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_colors_failing_holds_traffic_where_it_is() {
-    let dir = tmpdir("both");
+    let dir = TempDir::new("both");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let (app, proxy) = start_app(&cfg(
         &dir,
@@ -276,7 +276,7 @@ async fn both_colors_failing_holds_traffic_where_it_is() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_checks_take_endpoints_out_and_back() {
-    let dir = tmpdir("active");
+    let dir = TempDir::new("active");
     let (b, g1, g2) = (
         Backend::start("blue").await,
         Backend::start("green").await,
@@ -346,7 +346,7 @@ async fn active_checks_take_endpoints_out_and_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passive_ejection_then_fallback_and_fast_503() {
-    let dir = tmpdir("passive");
+    let dir = TempDir::new("passive");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let tables = "[service.health]\neject_after = 3\neject_for = \"30s\"\n[service.rollback]\nenabled = false";
     let (app, proxy) = start_app(&cfg(&dir, 100.0, &[&b], &[&g], "", tables)).await;
@@ -408,7 +408,7 @@ async fn passive_ejection_then_fallback_and_fast_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_runs_to_promotion() {
-    let dir = tmpdir("rollout");
+    let dir = TempDir::new("rollout");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let tables = "[service.rollout]\nsteps = [10, 50, 100]\nhold = \"400ms\"\nmin_requests = 5";
     let (app, proxy) = start_app(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
@@ -462,7 +462,7 @@ async fn a_rollout_runs_to_promotion() {
 /// holds 1 s clean and the rollout promotes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_candidate_going_down_restarts_the_step_hold() {
-    let dir = tmpdir("rollout-blips");
+    let dir = TempDir::new("rollout-blips");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let tables = "[service.health]\npath = \"/probe\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 1\nfall = 1\neject_after = 0\n[service.rollback]\nenabled = false\n[service.rollout]\nsteps = [10, 100]\nhold = \"1s\"\nmin_requests = 5";
     let (app, proxy) = start_app(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
@@ -558,7 +558,7 @@ async fn a_candidate_going_down_restarts_the_step_hold() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_rollout_step_is_rolled_back_and_ended() {
-    let dir = tmpdir("rollout-fail");
+    let dir = TempDir::new("rollout-fail");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let tables = "[service.rollout]\nsteps = [25, 100]\nhold = \"10s\"\nmin_requests = 5";
     let (app, proxy) = start_app(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;
@@ -585,7 +585,7 @@ async fn a_failing_rollout_step_is_rolled_back_and_ended() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_mid_rollout_continues_its_step() {
-    let dir = tmpdir("rollout-restart");
+    let dir = TempDir::new("rollout-restart");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let tables = "[service.rollout]\nsteps = [10, 40, 100]\nhold = \"1500ms\"\nmin_requests = 5";
     let text = cfg(&dir, 0.0, &[&b], &[&g], "", tables);
@@ -679,7 +679,7 @@ async fn a_restart_mid_rollout_continues_its_step() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_preflight_blocks_the_start() {
-    let dir = tmpdir("preflight");
+    let dir = TempDir::new("preflight");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let tables = "[service.rollout]\nsteps = [5, 100]\nhold = \"1m\"\n[[service.rollout.preflight]]\npath = \"/status/200\"\n[[service.rollout.preflight]]\nmethod = \"POST\"\npath = \"/echo-headers\"\nheaders = { x-test = \"1\" }\nexpect = [200]";
     let (app, _) = start_app(&cfg(&dir, 0.0, &[&b], &[&g], "", tables)).await;

@@ -177,7 +177,7 @@ async fn one_request(proxy: SocketAddr) -> Result<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_upgrades_refuse_no_connection() {
-    let dir = tmpdir("upgrade");
+    let dir = TempDir::new("upgrade");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let proxy = dead_addr().await; // a free port, fixed for the config
     let path = write_config(&dir, proxy, b.addr, g.addr);
@@ -281,7 +281,7 @@ async fn repeated_upgrades_refuse_no_connection() {
 /// STOPPING=1 and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_auto_starts_alone_or_takes_over() {
-    let dir = tmpdir("upgrade-auto");
+    let dir = TempDir::new("upgrade-auto");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let proxy = dead_addr().await;
     let path = write_config(&dir, proxy, b.addr, g.addr);
@@ -371,7 +371,7 @@ async fn upgrade_auto_starts_alone_or_takes_over() {
 /// alone still refuses to start when nobody answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_auto_never_falls_back_after_a_failed_hand_over() {
-    let dir = tmpdir("upgrade-auto-fail");
+    let dir = TempDir::new("upgrade-auto-fail");
     let (b, g) = (Backend::start("blue").await, Backend::start("green").await);
     let proxy = dead_addr().await;
     let path = write_config(&dir, proxy, b.addr, g.addr);

@@ -618,7 +618,8 @@ green = {{ endpoints = [{{green}}]{green} }}
 // ---------------------------------------------------------------------------
 
 /// A directory under the system temp dir, unique to this process and call,
-/// removed on drop.
+/// removed on drop (declared first in a test, it outlives the instance
+/// whose state and socket it holds). Derefs to its `Path`.
 #[derive(Debug)]
 pub struct TempDir(pub PathBuf);
 
@@ -1095,13 +1096,6 @@ pub async fn http_get_once(addr: SocketAddr, path: &str) -> std::io::Result<(u16
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
-}
-
-/// A fresh, empty directory under the system temp dir, unique per call,
-/// removed when the test drops it (declared first in a test, it outlives
-/// the instance whose state and socket it holds).
-pub fn tmpdir(tag: &str) -> TempDir {
-    TempDir::new(tag)
 }
 
 /// Starts a whole cyan instance from config text; returns it and the address
