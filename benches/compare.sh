@@ -36,6 +36,11 @@ OUT=${OUT:-$HERE/RESULTS.md}
 QUIET_WAIT=${QUIET_WAIT:-600}
 # Fixed rate: RATE_CLIENTS connections, each at RATE/RATE_CLIENTS req/s.
 RATE_CLIENTS=${RATE_CLIENTS:-10}
+# Fixed rate: each round's DUR_SHORT seconds per target are run as
+# FIXED_SLOTS slots interleaved with the other targets (see mode_fixed),
+# each slot's first FIXED_SKIP seconds left out.
+FIXED_SLOTS=${FIXED_SLOTS:-4}
+FIXED_SKIP=${FIXED_SKIP:-0.25}
 # Backend response framing: "length" (Content-Length, the default) or
 # "chunked" (a diagnostic: shows how a proxy behaves when the upstream body
 # ends with a terminating chunk instead of a byte count).
@@ -84,6 +89,10 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# set -e stops the run at the first failing command; say which one.
+set -E
+# (errtrace fires it again in each calling function: only the first says.)
+trap 'rc=$?; ((${STOPPED_SAID:-0})) || log "stopped: line $LINENO: \"$BASH_COMMAND\" exited $rc"; STOPPED_SAID=1' ERR
 
 # A private copy, so a rebuild by someone else mid-run changes nothing.
 cp "${CYAN_BIN:-$ROOT/target/release/cyan}" "$WORK/cyan"
@@ -445,21 +454,46 @@ mode_closed() {
     done
 }
 
+# Fixed rate, interleaved in short slots. Each round starts every proxy
+# once and warms it, then cycles through the targets FIXED_SLOTS times,
+# DUR_SHORT / FIXED_SLOTS seconds each, the order rotated every cycle; a
+# target's value for the round pools its slots, each without its first
+# FIXED_SKIP seconds (the load generator's connection setup).
+#
+# Why slots: this VM's host stalls come in bursts of seconds, and a single
+# 100 ms stall delays 500 requests, more than 1 % of an 8 s run. With one
+# 8 s run per target per round, a burst decided the p99 of whichever target
+# held the CPU then (bd4483a, round 3: cyan +1,940 µs over direct, HAProxy
+# +607 µs; rounds 1-2 put every target 2-5 ms over). In 2 s slots a burst
+# lands on the targets side by side. The proxies not being measured stay up,
+# idle, on the proxy CPU: cyan wakes every 50 ms for its rollback window, a
+# few µs each, HAProxy and nginx less often.
 mode_fixed() {
     MODE=fixed
-    local r t per=$((RATE / RATE_CLIENTS))
+    local r t s i per=$((RATE / RATE_CLIENTS)) slot=$((DUR_SHORT / FIXED_SLOTS))
+    ((slot >= 1)) || slot=1
+    local targets=(cyan cyan-log haproxy nginx direct) n=5
+    local -A fpid fport fmet
     for r in $(seq "$ROUNDS"); do
-        for t in cyan cyan-log haproxy nginx direct; do
+        for t in "${targets[@]}"; do
             wait_quiet "fixed $t r$r"
             start_target "$t"
             warmup
-            local f=$WORK/h2load-fixed-$t-$r
-            ((r == 1)) && cmdlog "fixed $t: ${PIN_LOAD[*]} h2load --h1 -c $RATE_CLIENTS --rps $per -D $DUR_SHORT --log-file LOG http://127.0.0.1:$TPORT/ ; latency.py LOG 1"
-            "${PIN_LOAD[@]}" h2load --h1 -c "$RATE_CLIENTS" --rps "$per" -D "$DUR_SHORT" \
-                --log-file "$f.log" "http://127.0.0.1:$TPORT/" >"$f.txt" 2>&1 || true
+            fpid[$t]=$TPID fport[$t]=$TPORT fmet[$t]=$TMETRICS
+            ((r == 1)) && cmdlog "fixed $t: ${PIN_LOAD[*]} h2load --h1 -c $RATE_CLIENTS --rps $per -D $slot --log-file LOG http://127.0.0.1:$TPORT/ ; $FIXED_SLOTS slots per round, interleaved with the other targets; latency.py --skip $FIXED_SKIP LOG..."
+        done
+        for s in $(seq "$FIXED_SLOTS"); do
+            wait_quiet "fixed r$r slot $s"
+            for i in $(seq 0 $((n - 1))); do
+                t=${targets[$(((i + s) % n))]}
+                "${PIN_LOAD[@]}" h2load --h1 -c "$RATE_CLIENTS" --rps "$per" -D "$slot" \
+                    --log-file "$WORK/fixed-$t-$r-$s.log" "http://127.0.0.1:${fport[$t]}/" \
+                    >"$WORK/fixed-$t-$r-$s.txt" 2>&1 || true
+            done
+        done
+        for t in "${targets[@]}"; do
             local line kv
-            line=$(python3 "$CFG/latency.py" "$f.log" 1)
-            rm -f "$f.log"
+            line=$(python3 "$CFG/latency.py" --skip "$FIXED_SKIP" "$WORK/fixed-$t-$r-"*.log)
             for kv in $line; do
                 case ${kv%%=*} in
                 count) record fixed "$t" "$r" count "${kv#*=}" ;;
@@ -470,12 +504,26 @@ mode_fixed() {
                 p999) record fixed "$t" "$r" p999_us "${kv#*=}" ;;
                 esac
             done
+            TMETRICS=${fmet[$t]}
             access_log_check "$t" "$r"
             ejections_check "$t" "$r"
             log "fixed r$r $t: $line"
-            stop_target
+        done
+        for t in "${targets[@]}"; do
+            if [[ -n "${fpid[$t]}" ]]; then stop_pid "${fpid[$t]}"; fi
+        done
+        TPID="" TPIDS=() TMETRICS=""
+    done
+    # Every round's slots pooled, as a second reading of the same requests.
+    for t in "${targets[@]}"; do
+        local kv
+        for kv in $(python3 "$CFG/latency.py" --skip "$FIXED_SKIP" "$WORK/fixed-$t-"*.log); do
+            case ${kv%%=*} in
+            p50 | p99 | p999) record fixed-pooled "$t" 0 "${kv%%=*}_us" "${kv#*=}" ;;
+            esac
         done
     done
+    rm -f "$WORK"/fixed-*.log
 }
 
 mode_tls() {
@@ -693,7 +741,8 @@ mode_abort() {
     echo "cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo) × $(nproc)"
     echo "mem=$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
     rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-    dirty=$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null | wc -l)
+    # Outside a git checkout (a copied benches/), `git status` fails: 0.
+    dirty=$({ git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null || true; } | wc -l)
     ((dirty > 0)) && rev="$rev + uncommitted changes in src/ or Cargo.* ($dirty files)"
     echo "cyan=$("$CYAN" --version 2>/dev/null | head -1) (git $rev)"
     echo "haproxy=$(haproxy -v 2>/dev/null | head -1)"
@@ -703,7 +752,7 @@ mode_abort() {
     echo "openssl=$(openssl version)"
     echo "rustc=$(rustc -V 2>/dev/null || echo '?')"
     echo "pinning=$PINNING"
-    echo "settings=ROUNDS=$ROUNDS DUR=${DUR}s DUR_SHORT=${DUR_SHORT}s RATE=$RATE (h2load --h1 -c $RATE_CLIENTS --rps $((RATE / RATE_CLIENTS))) IDLE_CONNS=$IDLE_CONNS BACKEND_BODY=$BACKEND_BODY MODES=\"$MODES\""
+    echo "settings=ROUNDS=$ROUNDS DUR=${DUR}s DUR_SHORT=${DUR_SHORT}s RATE=$RATE (h2load --h1 -c $RATE_CLIENTS --rps $((RATE / RATE_CLIENTS)), $FIXED_SLOTS interleaved slots per round) IDLE_CONNS=$IDLE_CONNS BACKEND_BODY=$BACKEND_BODY MODES=\"$MODES\""
     echo "load_start=$(cut -d' ' -f1-3 /proc/loadavg)"
 } >>"$META"
 

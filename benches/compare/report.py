@@ -199,10 +199,25 @@ if "fixed" in data:
         ])
     rate = meta.get("settings", "").split("RATE=")[1].split(" IDLE")[0] if "RATE=" in meta.get("settings", "") else ""
     rate_n, _, how = rate.partition(" ")
-    sec = f"### Fixed rate: {rate_n} req/s in total {how}, {DUR_SHORT} per run\n\n"
+    slotted = "interleaved slots" in how
+    sec = f"### Fixed rate: {rate_n} req/s in total {how}, {DUR_SHORT} per target per round\n\n"
     sec += table(["target", "achieved req/s", "p50 µs", "p99 µs", "p99.9 µs", "added p50 µs", "added p99 µs", "non-2xx"], rows)
-    sec += ("\n\nLatency from h2load's per-request log (first second skipped), added ="
-            " target − direct in the same round, median over rounds.")
+    if slotted:
+        sec += ("\n\nLatency from h2load's per-request log, each round's slots of a target pooled"
+                " (each slot's first 0.25 s skipped); added = target − direct in the same round,"
+                " median over rounds.")
+    else:
+        sec += ("\n\nLatency from h2load's per-request log (first second skipped), added ="
+                " target − direct in the same round, median over rounds.")
+    pooled = data.get("fixed-pooled", {})
+    if "direct" in pooled:
+        def added(t, k):
+            a, b = pooled[t][k].get(0), pooled["direct"][k].get(0)
+            return "–" if a is None or b is None else f"{a - b:+,.0f}"
+        parts = [f"{NAMES[t]} {added(t, 'p50_us')} / {added(t, 'p99_us')} / {added(t, 'p999_us')}"
+                 for t in ["cyan", "cyan-log", "haproxy", "nginx"] if t in pooled]
+        sec += ("\n\nEvery round's requests pooled, added p50 / p99 / p99.9 µs over direct pooled"
+                " the same way (a second reading, not the verdict's): " + "; ".join(parts) + ".")
     sections.append(sec)
     summary_targets.append((
         "added median latency at 5k req/s ≤ HAProxy's",
@@ -308,7 +323,9 @@ if "mt" in data:
             " each proxy behaves when it competes with its own load generator.")
     sections.append(sec)
 
-ej = {m: total(m, t, "ejections") for m in data for t in data[m] if t.startswith("cyan") and m != "abort"}
+# Summed over cyan's targets in each mode (cyan, cyan-log, cyan-mt).
+ej = {m: sum(total(m, t, "ejections") for t in data[m] if t.startswith("cyan"))
+      for m in data if m not in ("abort", "fixed-pooled")}
 ej_total = sum(ej.values())
 sections.append(
     "### cyan passive-health ejections\n\n"
