@@ -73,6 +73,7 @@ PIDS=()   # every long-lived process this script started
 cleanup() {
     local rc=$?
     set +e
+    if ((rc != 0 && rc != 130)) && [[ -n "${FAILED:-}" ]]; then log "stopped at $FAILED"; fi
     for pid in "${PIDS[@]}"; do
         kill -TERM "$pid" 2>/dev/null
     done
@@ -89,10 +90,12 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-# set -e stops the run at the first failing command; say which one.
+# set -e stops the run at the first failing command; the EXIT trap says
+# which one. Errtrace (-E) reaches into functions, and into command
+# substitutions too, where a failure stops nothing (`wrk -v | head -1`):
+# only the main shell's first failure is kept.
 set -E
-# (errtrace fires it again in each calling function: only the first says.)
-trap 'rc=$?; ((${STOPPED_SAID:-0})) || log "stopped: line $LINENO: \"$BASH_COMMAND\" exited $rc"; STOPPED_SAID=1' ERR
+trap 'err_rc=$?; if ((BASH_SUBSHELL == 0)) && [[ -z ${FAILED:-} ]]; then FAILED="line $LINENO: \"$BASH_COMMAND\" exited $err_rc"; fi' ERR
 
 # A private copy, so a rebuild by someone else mid-run changes nothing.
 cp "${CYAN_BIN:-$ROOT/target/release/cyan}" "$WORK/cyan"
