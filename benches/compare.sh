@@ -518,9 +518,10 @@ mode_fixed() {
         TPID="" TPIDS=() TMETRICS=""
     done
     # Every round's slots pooled, as a second reading of the same requests.
+    # (`fixed-cyan-*` would take cyan-log's logs too: a digit follows.)
     for t in "${targets[@]}"; do
         local kv
-        for kv in $(python3 "$CFG/latency.py" --skip "$FIXED_SKIP" "$WORK/fixed-$t-"*.log); do
+        for kv in $(python3 "$CFG/latency.py" --skip "$FIXED_SKIP" "$WORK/fixed-$t-"[0-9]*.log); do
             case ${kv%%=*} in
             p50 | p99 | p999) record fixed-pooled "$t" 0 "${kv%%=*}_us" "${kv#*=}" ;;
             esac
