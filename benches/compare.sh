@@ -9,6 +9,9 @@
 #   MODES        closed fixed tls mem syscalls mt (default: all)
 #   ROUNDS       5; DUR 10 (closed-loop seconds); DUR_SHORT 8 (fixed-rate,
 #                TLS, multi-thread seconds); RATE 5000; IDLE_CONNS 2000
+#   FIXED_SLOTS  4: the fixed-rate mode's slots per target per round
+#                (DUR_SHORT / FIXED_SLOTS whole seconds each); FIXED_SKIP
+#                0.25: seconds left out at each slot's start
 #   OUT          benches/RESULTS.md
 #   SKIP_BUILD=1 use target/release/cyan as it is
 #   CYAN_BIN     measure this cyan binary (nothing is built)
@@ -41,6 +44,12 @@ RATE_CLIENTS=${RATE_CLIENTS:-10}
 # each slot's first FIXED_SKIP seconds left out.
 FIXED_SLOTS=${FIXED_SLOTS:-4}
 FIXED_SKIP=${FIXED_SKIP:-0.25}
+# Whole seconds per slot (h2load -D); checked here, not ten minutes in.
+if ! [[ "$FIXED_SLOTS" =~ ^[1-9][0-9]*$ ]] || ((DUR_SHORT / FIXED_SLOTS < 1)); then
+    echo "compare.sh: FIXED_SLOTS must be a whole number from 1 to DUR_SHORT ($DUR_SHORT), not '$FIXED_SLOTS'" >&2
+    exit 2
+fi
+FIXED_SLOT_SECS=$((DUR_SHORT / FIXED_SLOTS))
 # Backend response framing: "length" (Content-Length, the default) or
 # "chunked" (a diagnostic: shows how a proxy behaves when the upstream body
 # ends with a terminating chunk instead of a byte count).
@@ -473,8 +482,7 @@ mode_closed() {
 # few µs each, HAProxy and nginx less often.
 mode_fixed() {
     MODE=fixed
-    local r t s i per=$((RATE / RATE_CLIENTS)) slot=$((DUR_SHORT / FIXED_SLOTS))
-    ((slot >= 1)) || slot=1
+    local r t s i per=$((RATE / RATE_CLIENTS)) slot=$FIXED_SLOT_SECS
     local targets=(cyan cyan-log haproxy nginx direct) n=5
     local -A fpid fport fmet
     for r in $(seq "$ROUNDS"); do
@@ -756,7 +764,7 @@ mode_abort() {
     echo "openssl=$(openssl version)"
     echo "rustc=$(rustc -V 2>/dev/null || echo '?')"
     echo "pinning=$PINNING"
-    echo "settings=ROUNDS=$ROUNDS DUR=${DUR}s DUR_SHORT=${DUR_SHORT}s RATE=$RATE (h2load --h1 -c $RATE_CLIENTS --rps $((RATE / RATE_CLIENTS)), $FIXED_SLOTS interleaved slots per round) IDLE_CONNS=$IDLE_CONNS BACKEND_BODY=$BACKEND_BODY MODES=\"$MODES\""
+    echo "settings=ROUNDS=$ROUNDS DUR=${DUR}s DUR_SHORT=${DUR_SHORT}s RATE=$RATE (h2load --h1 -c $RATE_CLIENTS --rps $((RATE / RATE_CLIENTS)), $FIXED_SLOTS interleaved slots of ${FIXED_SLOT_SECS}s per round, first ${FIXED_SKIP}s of each skipped) IDLE_CONNS=$IDLE_CONNS BACKEND_BODY=$BACKEND_BODY MODES=\"$MODES\""
     echo "load_start=$(cut -d' ' -f1-3 /proc/loadavg)"
 } >>"$META"
 

@@ -36,10 +36,17 @@ def load(path, skip):
 
 
 args = sys.argv[1:]
-if args and args[0] == "--skip":
-    skip, paths = float(args[1]), args[2:]
-else:
-    paths, skip = args[:1], float(args[1]) if len(args) > 1 else 0.0
+try:
+    if args and args[0] == "--skip":
+        if len(args) < 2:
+            raise ValueError("--skip needs a number of seconds")
+        skip, paths = float(args[1]), args[2:]
+    elif len(args) <= 2:
+        paths, skip = args[:1], float(args[1]) if len(args) > 1 else 0.0
+    else:
+        raise ValueError("several logs take --skip first")
+except (IndexError, ValueError) as e:
+    sys.exit(f"latency.py: {e}\n{__doc__}")
 if not paths:
     sys.exit(__doc__)
 

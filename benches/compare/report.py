@@ -200,12 +200,15 @@ if "fixed" in data:
     rate = meta.get("settings", "").split("RATE=")[1].split(" IDLE")[0] if "RATE=" in meta.get("settings", "") else ""
     rate_n, _, how = rate.partition(" ")
     slotted = "interleaved slots" in how
-    sec = f"### Fixed rate: {rate_n} req/s in total {how}, {DUR_SHORT} per target per round\n\n"
+    per_run = "per target per round" if slotted else "per run"
+    sec = f"### Fixed rate: {rate_n} req/s in total {how}, {DUR_SHORT} {per_run}\n\n"
     sec += table(["target", "achieved req/s", "p50 µs", "p99 µs", "p99.9 µs", "added p50 µs", "added p99 µs", "non-2xx"], rows)
     if slotted:
-        sec += ("\n\nLatency from h2load's per-request log, each round's slots of a target pooled"
-                " (each slot's first 0.25 s skipped); added = target − direct in the same round,"
-                " median over rounds.")
+        sec += ("\n\nLatency from h2load's per-request logs, each round's slots of a target pooled"
+                " (the slot length and the seconds skipped at each slot's start are in the heading);"
+                " added = target − direct in the same round, median over rounds. The targets stay up"
+                " through a round's slots, so an ejection one slot caused would reach the next ones"
+                " (the count below says whether any happened).")
     else:
         sec += ("\n\nLatency from h2load's per-request log (first second skipped), added ="
                 " target − direct in the same round, median over rounds.")
@@ -334,7 +337,8 @@ sections.append(
        " can cause (see below). The error columns show whether any request failed *during* a run."
        if ej else "not recorded.")
     + " Each measurement runs on a fresh process after a warm-up that ends cleanly (`h2load -n`),"
-    " so an ejection caused by one run never reaches the next."
+    " so an ejection caused by one run never reaches the next; in the fixed-rate mode that is"
+    " one process per round, shared by the round's slots."
 )
 
 # ---- targets
