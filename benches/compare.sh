@@ -45,11 +45,12 @@ RATE_CLIENTS=${RATE_CLIENTS:-10}
 FIXED_SLOTS=${FIXED_SLOTS:-4}
 FIXED_SKIP=${FIXED_SKIP:-0.25}
 # Whole seconds per slot (h2load -D); checked here, not ten minutes in.
-if ! [[ "$FIXED_SLOTS" =~ ^[1-9][0-9]*$ ]] || ((DUR_SHORT / FIXED_SLOTS < 1)); then
+if [[ " $MODES " == *" fixed "* ]] && { ! [[ "$FIXED_SLOTS" =~ ^[1-9][0-9]*$ ]] || ((DUR_SHORT / FIXED_SLOTS < 1)); }; then
     echo "compare.sh: FIXED_SLOTS must be a whole number from 1 to DUR_SHORT ($DUR_SHORT), not '$FIXED_SLOTS'" >&2
     exit 2
 fi
-FIXED_SLOT_SECS=$((DUR_SHORT / FIXED_SLOTS))
+FIXED_SLOT_SECS=0
+if [[ "$FIXED_SLOTS" =~ ^[1-9][0-9]*$ ]]; then FIXED_SLOT_SECS=$((DUR_SHORT / FIXED_SLOTS)); fi
 # Backend response framing: "length" (Content-Length, the default) or
 # "chunked" (a diagnostic: shows how a proxy behaves when the upstream body
 # ends with a terminating chunk instead of a byte count).
