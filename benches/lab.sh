@@ -9,7 +9,8 @@
 # PORT (plaintext listener), TLS (TLS listener), BLUE, GREEN, PIN_PROXY and
 # PIN_LOAD (taskset prefixes: CPU 0 for the proxy, CPU 1 for the rest, or
 # nothing on one CPU), $WORK/cyan.toml (plus CYAN_EXTRA when set),
-# $WORK/haproxy.cfg.
+# $WORK/haproxy.cfg. `lab_train` (pgo.sh, bolt.sh) runs a profiling build
+# of cyan under the training load.
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -44,4 +45,43 @@ lab_up() {
     sed -e "$subst" "$CFG/cyan.toml" >"$WORK/cyan.toml"
     if [[ -n "${CYAN_EXTRA:-}" ]]; then printf '\n%s\n' "$CYAN_EXTRA" >>"$WORK/cyan.toml"; fi
     sed -e "$subst" -e "s#@NBTHREAD@#1#" "$CFG/haproxy.cfg" >"$WORK/haproxy.cfg"
+}
+
+# lab_train TOOL BINARY: runs BINARY (an instrumented cyan) with
+# $WORK/cyan.toml under the training load, HTTP/1.1 with sticky users, then
+# HTTP/2 and HTTP/1.1 over TLS 1.3, and stops it with SIGTERM: cyan drains
+# and exits, and the instrumentation writes its profile as the process
+# ends. TOOL names the caller in messages. Sets TPID while cyan runs, for
+# the caller's cleanup.
+lab_train() {
+    local tool=$1 bin=$2 out
+    "${PIN_PROXY[@]}" "$bin" run --config "$WORK/cyan.toml" >"$WORK/cyan.log" 2>&1 &
+    TPID=$!
+    wait_port "$PORT" && wait_port "$TLS" || { echo "$tool: cyan did not start: $(tail -3 "$WORK/cyan.log")" >&2; return 1; }
+    echo "$tool: training load"
+    local load
+    for load in \
+        "wrk -t1 -c64 -d10s -s $CFG/users.lua http://127.0.0.1:$PORT/" \
+        "h2load --h1 -c16 -n 30000 http://127.0.0.1:$PORT/" \
+        "h2load -c16 -m10 -n 100000 https://127.0.0.1:$TLS/" \
+        "wrk -t1 -c64 -d5s -s $CFG/users.lua https://127.0.0.1:$TLS/"; do
+        # shellcheck disable=SC2086 # the words of the command line
+        out=$("${PIN_LOAD[@]}" $load 2>&1) || { echo "$tool: $load failed: $out" >&2; return 1; }
+        grep -E '^requests:|Requests/sec' <<<"$out" | sed 's/^/  /'
+        if grep -qE 'Non-2xx|Socket errors|[1-9][0-9]* failed' <<<"$out"; then
+            echo "$tool: errors in the training load: $out" >&2
+            return 1
+        fi
+    done
+    kill -TERM "$TPID"
+    for _ in $(seq 300); do
+        kill -0 "$TPID" 2>/dev/null || break
+        sleep 0.2
+    done
+    if kill -0 "$TPID" 2>/dev/null; then
+        echo "$tool: cyan did not stop within 60 s of SIGTERM" >&2
+        return 1
+    fi
+    wait "$TPID" || { echo "$tool: cyan exited with an error: $(tail -3 "$WORK/cyan.log")" >&2; TPID=; return 1; }
+    TPID=
 }

@@ -60,37 +60,7 @@ rm -rf "$RAW"
 # shellcheck source=benches/lab.sh
 source "$HERE/lab.sh"
 lab_up
-"${PIN_PROXY[@]}" "$ROOT/target/pgo-gen/release/cyan" run --config "$WORK/cyan.toml" >"$WORK/cyan.log" 2>&1 &
-TPID=$!
-wait_port "$PORT" && wait_port "$TLS" || { echo "pgo.sh: cyan did not start: $(tail -3 "$WORK/cyan.log")" >&2; exit 1; }
-
-echo "pgo.sh: training load"
-load() {
-    local out
-    out=$("${PIN_LOAD[@]}" "$@" 2>&1) || { echo "pgo.sh: $* failed: $out" >&2; exit 1; }
-    grep -E '^requests:|Requests/sec' <<<"$out" | sed 's/^/  /'
-    if grep -qE 'Non-2xx|Socket errors|[1-9][0-9]* failed' <<<"$out"; then
-        echo "pgo.sh: errors in the training load: $out" >&2
-        exit 1
-    fi
-}
-load wrk -t1 -c64 -d10s -s "$CFG/users.lua" "http://127.0.0.1:$PORT/"
-load h2load --h1 -c16 -n 30000 "http://127.0.0.1:$PORT/"
-load h2load -c16 -m10 -n 100000 "https://127.0.0.1:$TLS/"
-load wrk -t1 -c64 -d5s -s "$CFG/users.lua" "https://127.0.0.1:$TLS/"
-
-# cyan drains on SIGTERM and writes its profile as it exits.
-kill -TERM "$TPID"
-for _ in $(seq 300); do
-    kill -0 "$TPID" 2>/dev/null || break
-    sleep 0.2
-done
-if kill -0 "$TPID" 2>/dev/null; then
-    echo "pgo.sh: cyan did not stop within 60 s of SIGTERM" >&2
-    exit 1
-fi
-wait "$TPID" || { echo "pgo.sh: cyan exited with an error: $(tail -3 "$WORK/cyan.log")" >&2; exit 1; }
-TPID=
+lab_train pgo.sh "$ROOT/target/pgo-gen/release/cyan"
 compgen -G "$RAW/*.profraw" >/dev/null || { echo "pgo.sh: cyan wrote no profile" >&2; exit 1; }
 
 mkdir -p "$ROOT/target/pgo"
