@@ -36,20 +36,9 @@ if [[ ! -f "$(dirname "$BOLT")/../lib/libbolt_rt_instr.a" ]]; then
     echo "bolt.sh: no libbolt_rt_instr.a beside $BOLT (../lib)" >&2
     exit 2
 fi
-for tool in nginx wrk h2load openssl python3; do
-    command -v "$tool" >/dev/null || { echo "bolt.sh: $tool is missing" >&2; exit 2; }
-done
-
-WORK=$(mktemp -d /tmp/cyan-bolt.XXXXXX)
-PIDS=()
-TPID=
-cleanup() {
-    [[ -n "$TPID" ]] && kill -KILL "$TPID" 2>/dev/null
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=benches/lab.sh
+source "$HERE/lab.sh"
+lab_begin bolt.sh
 
 # BOLT moves code only where it knows every reference to it: the link
 # keeps its relocations. Its own target dir, as the flags differ.
@@ -62,8 +51,6 @@ echo "bolt.sh: instrumenting"
 "$BOLT" "$BIN" -instrument "--instrumentation-file=$WORK/cyan.fdata" -o "$WORK/cyan.instr" >"$WORK/instrument.log" 2>&1 ||
     { echo "bolt.sh: instrumenting failed: $(tail -5 "$WORK/instrument.log")" >&2; exit 1; }
 
-# shellcheck source=benches/lab.sh
-source "$HERE/lab.sh"
 lab_up
 lab_train bolt.sh "$WORK/cyan.instr"
 [[ -s "$WORK/cyan.fdata" ]] || { echo "bolt.sh: cyan wrote no profile" >&2; exit 1; }

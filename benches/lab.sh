@@ -9,8 +9,9 @@
 # PORT (plaintext listener), TLS (TLS listener), BLUE, GREEN, PIN_PROXY and
 # PIN_LOAD (taskset prefixes: CPU 0 for the proxy, CPU 1 for the rest, or
 # nothing on one CPU), $WORK/cyan.toml (plus CYAN_EXTRA when set),
-# $WORK/haproxy.cfg. `lab_train` (pgo.sh, bolt.sh) runs a profiling build
-# of cyan under the training load.
+# $WORK/haproxy.cfg. `lab_begin` (pgo.sh, bolt.sh) checks the lab's tools,
+# makes WORK and sets the cleanup; `lab_train` runs a profiling build of
+# cyan under the training load.
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -84,4 +85,26 @@ lab_train() {
     fi
     wait "$TPID" || { echo "$tool: cyan exited with an error: $(tail -3 "$WORK/cyan.log")" >&2; TPID=; return 1; }
     TPID=
+}
+
+# lab_begin TOOL: the lab's tools are there, WORK is a fresh directory,
+# PIDS and TPID are empty, and on exit everything started is stopped by PID
+# and WORK removed. TOOL names the caller in messages.
+lab_begin() {
+    local t
+    for t in nginx wrk h2load openssl python3; do
+        command -v "$t" >/dev/null || { echo "$1: $t is missing" >&2; exit 2; }
+    done
+    WORK=$(mktemp -d "/tmp/cyan-${1%.sh}.XXXXXX")
+    PIDS=()
+    TPID=
+    trap lab_end EXIT
+}
+
+lab_end() {
+    [[ -n "${TPID:-}" ]] && kill -KILL "$TPID" 2>/dev/null
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
 }

@@ -29,20 +29,9 @@ if [[ ! -x "$PROFDATA" ]]; then
     echo "pgo.sh: no llvm-profdata at $PROFDATA; run: rustup component add llvm-tools" >&2
     exit 2
 fi
-for tool in nginx wrk h2load openssl python3; do
-    command -v "$tool" >/dev/null || { echo "pgo.sh: $tool is missing" >&2; exit 2; }
-done
-
-WORK=$(mktemp -d /tmp/cyan-pgo.XXXXXX)
-PIDS=()
-TPID=
-cleanup() {
-    [[ -n "$TPID" ]] && kill -KILL "$TPID" 2>/dev/null
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=benches/lab.sh
+source "$HERE/lab.sh"
+lab_begin pgo.sh
 
 # Flags the caller set stay; the profile flags come on top.
 flags=${RUSTFLAGS:-}
@@ -57,8 +46,6 @@ RUSTFLAGS="$flags -Cprofile-generate=$RAW" CARGO_TARGET_DIR="$ROOT/target/pgo-ge
 # have: only this run of cyan counts.
 rm -rf "$RAW"
 
-# shellcheck source=benches/lab.sh
-source "$HERE/lab.sh"
 lab_up
 lab_train pgo.sh "$ROOT/target/pgo-gen/release/cyan"
 compgen -G "$RAW/*.profraw" >/dev/null || { echo "pgo.sh: cyan wrote no profile" >&2; exit 1; }
