@@ -9,7 +9,10 @@
 #   bash benches/bolt.sh        # -> target/bolt/cyan (~6 minutes on 2 cores)
 #
 # Then, e.g.: CYAN=target/bolt/cyan CACHE=1 bash benches/callgrind.sh,
-# CYAN_BIN=target/bolt/cyan bash benches/compare.sh.
+# CYAN_BIN=target/bolt/cyan bash benches/compare.sh. The caller's RUSTFLAGS
+# are kept: after benches/pgo.sh,
+#   RUSTFLAGS="-Cprofile-use=$PWD/target/pgo/cyan-<hash>.profdata" bash benches/bolt.sh
+# lays out the PGO build (the usual order: PGO, then BOLT).
 #
 # Needs llvm-bolt (Debian: `apt-get install bolt-19`; LLVM_BOLT overrides
 # the path) with its instrumentation runtime, and nginx,
