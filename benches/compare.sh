@@ -45,12 +45,12 @@ RATE_CLIENTS=${RATE_CLIENTS:-10}
 FIXED_SLOTS=${FIXED_SLOTS:-4}
 FIXED_SKIP=${FIXED_SKIP:-0.25}
 # Whole seconds per slot (h2load -D); checked here, not ten minutes in.
-if [[ " $MODES " == *" fixed "* ]] && { ! [[ "$FIXED_SLOTS" =~ ^[1-9][0-9]*$ ]] || ((DUR_SHORT / FIXED_SLOTS < 1)); }; then
+FIXED_SLOT_SECS=0
+if [[ "$FIXED_SLOTS" =~ ^[1-9][0-9]*$ ]]; then FIXED_SLOT_SECS=$((DUR_SHORT / FIXED_SLOTS)); fi
+if [[ " $MODES " == *" fixed "* ]] && ((FIXED_SLOT_SECS < 1)); then
     echo "compare.sh: FIXED_SLOTS must be a whole number from 1 to DUR_SHORT ($DUR_SHORT), not '$FIXED_SLOTS'" >&2
     exit 2
 fi
-FIXED_SLOT_SECS=0
-if [[ "$FIXED_SLOTS" =~ ^[1-9][0-9]*$ ]]; then FIXED_SLOT_SECS=$((DUR_SHORT / FIXED_SLOTS)); fi
 # Backend response framing: "length" (Content-Length, the default) or
 # "chunked" (a diagnostic: shows how a proxy behaves when the upstream body
 # ends with a terminating chunk instead of a byte count).
@@ -484,7 +484,8 @@ mode_closed() {
 mode_fixed() {
     MODE=fixed
     local r t s i per=$((RATE / RATE_CLIENTS)) slot=$FIXED_SLOT_SECS
-    local targets=(cyan cyan-log haproxy nginx direct) n=5
+    local targets=(cyan cyan-log haproxy nginx direct)
+    local n=${#targets[@]}
     local -A fpid fport fmet
     for r in $(seq "$ROUNDS"); do
         for t in "${targets[@]}"; do
