@@ -984,7 +984,7 @@ async fn certificates_reload_without_dropping_connections() {
 async fn cyan_bin(args: &[&str]) -> (i32, String, String) {
     let out = tokio::time::timeout(
         Duration::from_secs(20),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
+        tokio::process::Command::new(support::cyan_exe())
             .args(args)
             .env_remove("CYAN_ADMIN_SOCKET")
             .env("CYAN_LOG", "warn")
@@ -1040,7 +1040,7 @@ async fn ctl_binary_end_to_end() {
     // `cyan ctl status | head -1`: a reader that leaves early is not an
     // error (the output used to panic on the broken pipe, exit 101).
     for _ in 0..5 {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
+        let mut child = std::process::Command::new(support::cyan_exe())
             .args(["ctl", "--socket", sock, "status"])
             .env_remove("CYAN_ADMIN_SOCKET")
             .stdout(std::process::Stdio::piped())
@@ -1063,7 +1063,7 @@ async fn ctl_binary_end_to_end() {
     }
     // Output that cannot be written (a full disk) is an error, not silence.
     if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
+        let out = std::process::Command::new(support::cyan_exe())
             .args(["ctl", "--socket", sock, "status"])
             .env_remove("CYAN_ADMIN_SOCKET")
             .stdout(full)

@@ -323,10 +323,11 @@ impl Cyan {
         let mut cmd = match cpu {
             Some(cpu) => {
                 let mut c = std::process::Command::new("taskset");
-                c.args(["-c", &cpu.to_string(), env!("CARGO_BIN_EXE_cyan")]);
+                c.args(["-c", &cpu.to_string()])
+                    .arg(crate::support::cyan_exe());
                 c
             }
-            None => std::process::Command::new(env!("CARGO_BIN_EXE_cyan")),
+            None => std::process::Command::new(crate::support::cyan_exe()),
         };
         let child = cmd
             .arg("run")

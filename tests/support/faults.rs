@@ -145,7 +145,7 @@ pub struct ChildBackend {
 
 impl ChildBackend {
     pub async fn spawn(color: &str, delay_ms: u64) -> ChildBackend {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
+        let mut child = tokio::process::Command::new(crate::support::cyan_exe())
             .args(["test-backend", "--color", color, "--listen", "127.0.0.1:0"])
             .args(["--delay-ms", &delay_ms.to_string()])
             .env("CYAN_LOG", "error")

@@ -34,6 +34,28 @@ use xxhash_rust::xxh3::Xxh3;
 use cyan::config::Config;
 use cyan::server::Server;
 
+/// The cyan executable the process-level tests start (`cyan run`, `cyan ctl`,
+/// `cyan test-backend`): `CYAN_BIN` when it is set, else the one cargo built
+/// for this test run. The override runs those tests against another build of
+/// the same source, such as the PGO + BOLT binary that `deploy/build-release.sh`
+/// makes, which cargo cannot build itself. A `CYAN_BIN` that is not a file is
+/// an error, not a quiet fallback to cargo's binary.
+pub fn cyan_exe() -> PathBuf {
+    match std::env::var_os("CYAN_BIN") {
+        Some(bin) if !bin.is_empty() => {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.is_file(),
+                "CYAN_BIN={} is not a file (unset it to test cargo's own binary)",
+                bin.display()
+            );
+            // Absolute, so a test that changes directory still finds it.
+            std::fs::canonicalize(&bin).expect("CYAN_BIN: canonicalize")
+        }
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_cyan")),
+    }
+}
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
@@ -1118,7 +1140,7 @@ pub fn spawn_cyan_run(
     env: &[(&str, &std::ffi::OsStr)],
     stderr: std::process::Stdio,
 ) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_cyan"))
+    tokio::process::Command::new(cyan_exe())
         .args(["run", "--config"])
         .arg(config)
         .args(flag)
