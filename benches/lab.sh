@@ -50,7 +50,9 @@ lab_up() {
 
 # lab_train TOOL BINARY: runs BINARY (an instrumented cyan) with
 # $WORK/cyan.toml under the training load, HTTP/1.1 with sticky users, then
-# HTTP/2 and HTTP/1.1 over TLS 1.3, and stops it with SIGTERM: cyan drains
+# HTTP/2 and HTTP/1.1 over TLS 1.3, then POSTs (a 4 KiB body that goes up
+# whole, a 64 KiB one that streams past request_buffer_bytes), and stops it
+# with SIGTERM: cyan drains
 # and exits, and the instrumentation writes its profile as the process
 # ends. TOOL names the caller in messages. Sets TPID while cyan runs, for
 # the caller's cleanup.
@@ -61,11 +63,15 @@ lab_train() {
     wait_port "$PORT" && wait_port "$TLS" || { echo "$tool: cyan did not start: $(tail -3 "$WORK/cyan.log")" >&2; return 1; }
     echo "$tool: training load"
     local load
+    head -c 4096 /dev/urandom >"$WORK/body-4k"
+    head -c 65536 /dev/urandom >"$WORK/body-64k"
     for load in \
         "wrk -t1 -c64 -d10s -s $CFG/users.lua http://127.0.0.1:$PORT/" \
         "h2load --h1 -c16 -n 30000 http://127.0.0.1:$PORT/" \
         "h2load -c16 -m10 -n 100000 https://127.0.0.1:$TLS/" \
-        "wrk -t1 -c64 -d5s -s $CFG/users.lua https://127.0.0.1:$TLS/"; do
+        "wrk -t1 -c64 -d5s -s $CFG/users.lua https://127.0.0.1:$TLS/" \
+        "h2load --h1 -c16 -n 20000 -d $WORK/body-4k http://127.0.0.1:$PORT/" \
+        "h2load -c16 -m10 -n 10000 -d $WORK/body-64k https://127.0.0.1:$TLS/"; do
         # shellcheck disable=SC2086 # the words of the command line
         out=$("${PIN_LOAD[@]}" $load 2>&1) || { echo "$tool: $load failed: $out" >&2; return 1; }
         grep -E '^requests:|Requests/sec' <<<"$out" | sed 's/^/  /'

@@ -6,6 +6,7 @@
 # compiler lays out and inlines for the paths the load took.
 #
 #   bash benches/pgo.sh        # -> target/pgo/release/cyan (~12 minutes on 2 cores)
+#   PGO_BUILD=0 bash benches/pgo.sh   # only the profile, target/pgo/cyan-<hash>.profdata
 #
 # Then, e.g.: CYAN=target/pgo/release/cyan bash benches/callgrind.sh,
 # CYAN_BIN=target/pgo/release/cyan bash benches/compare.sh.
@@ -57,6 +58,12 @@ mkdir -p "$ROOT/target/pgo"
 profile=$ROOT/target/pgo/cyan-$(sha256sum "$WORK/cyan.profdata" | cut -c1-16).profdata
 rm -f "$ROOT"/target/pgo/cyan-*.profdata
 mv "$WORK/cyan.profdata" "$profile"
+# PGO_BUILD=0: the profile is what the caller wants (deploy/build-release.sh
+# builds with it under BOLT's link flags itself).
+if [[ "${PGO_BUILD:-1}" == 0 ]]; then
+    echo "pgo.sh: profile $profile"
+    exit 0
+fi
 echo "pgo.sh: optimized build (target/pgo, profile $(basename "$profile"))"
 RUSTFLAGS="$flags -Cprofile-use=$profile" CARGO_TARGET_DIR="$ROOT/target/pgo" \
     cargo build --release --locked --manifest-path "$ROOT/Cargo.toml"
