@@ -759,6 +759,16 @@ mode_abort() {
     dirty=$({ git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null || true; } | wc -l)
     ((dirty > 0)) && rev="$rev + uncommitted changes in src/ or Cargo.* ($dirty files)"
     echo "cyan=$("$CYAN" --version 2>/dev/null | head -1) (git $rev)"
+    # Which build: the README's results are of deploy/build-release.sh's
+    # binary, whose BUILD file (beside it) names the profile and checksum.
+    sum=$(sha256sum "$CYAN" | cut -d' ' -f1)
+    build="cargo build --release"
+    [[ -n "${CYAN_BIN:-}" ]] && build="CYAN_BIN=$CYAN_BIN"
+    stamp=$(dirname "${CYAN_BIN:-$ROOT/target/release/cyan}")/BUILD
+    if [[ -f "$stamp" ]] && grep -q "^sha256: *$sum" "$stamp"; then
+        build="$build: deploy/build-release.sh, PGO + BOLT, $(sed -n 's/^profile: *//p' "$stamp")"
+    fi
+    echo "cyan_build=$build (sha256 ${sum:0:16})"
     echo "haproxy=$(haproxy -v 2>/dev/null | head -1)"
     echo "nginx=$(nginx -v 2>&1 | head -1)"
     echo "wrk=$(wrk -v 2>&1 | head -1)"

@@ -5,20 +5,28 @@
 # in the same rounds.
 #
 #   bash benches/cpu_ab.sh OLD_BIN NEW_BIN [ROUNDS]     # default 6 rounds
+#   LOAD=post bash benches/cpu_ab.sh ...                # another request shape
 #
-# Each turn: `wrk -t1 -c64 -d2s` to warm, then `wrk -t1 -c64 -d8s` (DUR)
-# with compare/users.lua while the target's utime and stime in
-# /proc/PID/stat are read before and after. Prints one line per target and
-# round: req/s, user, system and total µs per request. The binaries run
-# with the lab's cyan.toml (benches/lab.sh). Traffic goes to 127.0.0.1
-# only; everything started is stopped by PID.
+# Each turn: 2 s of the load to warm, then DUR seconds (8) of it while the
+# target's utime and stime in /proc/PID/stat are read before and after.
+# LOAD picks the requests:
+#   get    (default) HTTP/1.1 GETs, `wrk -t1 -c64` with compare/users.lua
+#   post   HTTP/1.1 POSTs of a 4 KiB body, `h2load --h1 -c64`
+#   h2tls  HTTP/2 over TLS 1.3, `h2load -c16 -m10`
+# Prints one line per target and round: req/s, user, system and total µs
+# per request. The binaries run with the lab's cyan.toml (benches/lab.sh).
+# Traffic goes to 127.0.0.1 only; everything started is stopped by PID.
 set -euo pipefail
 
 [[ $# -ge 2 ]] || { echo "usage: bash benches/cpu_ab.sh OLD_BIN NEW_BIN [ROUNDS]" >&2; exit 2; }
 for b in "$1" "$2"; do
     [[ -f "$b" && -x "$b" ]] || { echo "cpu_ab.sh: $b is not an executable" >&2; exit 2; }
 done
-OLD=$(realpath "$1") NEW=$(realpath "$2") ROUNDS=${3:-6} DUR=${DUR:-8}
+OLD=$(realpath "$1") NEW=$(realpath "$2") ROUNDS=${3:-6} DUR=${DUR:-8} LOAD=${LOAD:-get}
+case $LOAD in
+    get | post | h2tls) ;;
+    *) echo "cpu_ab.sh: LOAD=$LOAD: one of get, post, h2tls" >&2; exit 2 ;;
+esac
 command -v haproxy >/dev/null || { echo "cpu_ab.sh: haproxy is missing" >&2; exit 2; }
 HERE=$(cd "$(dirname "$0")" && pwd)
 CFG=$HERE/compare
@@ -46,16 +54,34 @@ for p in "$PORT" "$NPORT" "$HPORT"; do
     wait_port "$p" || { echo "cpu_ab.sh: nothing answers on $p: $(tail -3 "$WORK"/*.log)" >&2; exit 1; }
 done
 
+head -c 4096 /dev/urandom >"$WORK/body-4k"
+# load SECONDS PORT TLS_PORT: LOAD's requests for SECONDS; prints the
+# generator's report, fails when any request failed.
+load() {
+    local out
+    case $LOAD in
+        get) out=$("${PIN_LOAD[@]}" wrk -t1 -c64 "-d$1s" -s "$CFG/users.lua" "http://127.0.0.1:$2/") ;;
+        post) out=$("${PIN_LOAD[@]}" h2load --h1 -c64 -D "$1" -d "$WORK/body-4k" "http://127.0.0.1:$2/") ;;
+        h2tls) out=$("${PIN_LOAD[@]}" h2load -c16 -m10 -D "$1" "https://127.0.0.1:$3/") ;;
+    esac
+    if grep -qE 'Non-2xx|Socket errors|[1-9][0-9]* failed' <<<"$out"; then
+        echo "cpu_ab.sh: errors under $LOAD on port $2: $out" >&2
+        return 1
+    fi
+    echo "$out"
+}
+# Requests completed, from wrk's or h2load's report.
+completed() { awk '/ requests in /{print $1} /^requests: /{print $(NF-7)}' <<<"$1"; }
+
 ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12, $13}'; }
 for round in $(seq "$ROUNDS"); do
-    for t in "old:$PORT:$OPID" "new:$NPORT:$NPID" "haproxy:$HPORT:$HPID"; do
-        IFS=: read -r name port pid <<<"$t"
-        url=http://127.0.0.1:$port/
-        "${PIN_LOAD[@]}" wrk -t1 -c64 -d2s -s "$CFG/users.lua" "$url" >/dev/null
+    for t in "old:$PORT:$TLS:$OPID" "new:$NPORT:$NTLS:$NPID" "haproxy:$HPORT:$HTLS:$HPID"; do
+        IFS=: read -r name port tls pid <<<"$t"
+        load 2 "$port" "$tls" >/dev/null
         read -r u0 s0 < <(ticks "$pid")
-        out=$("${PIN_LOAD[@]}" wrk -t1 -c64 "-d${DUR}s" -s "$CFG/users.lua" "$url")
+        out=$(load "$DUR" "$port" "$tls")
         read -r u1 s1 < <(ticks "$pid")
-        req=$(awk '/ requests in /{print $1}' <<<"$out")
+        req=$(completed "$out")
         python3 -c '
 import os, sys
 name, rnd, req, dur, u0, s0, u1, s1 = sys.argv[1:]

@@ -382,7 +382,7 @@ doc = []
 doc.append("# cyan vs HAProxy vs nginx — side-by-side load benchmark\n")
 doc.append("Written by `bash benches/compare.sh` (issue 6); how to read it: `benches/README.md`.\n")
 doc.append("## Machine and versions\n")
-for k in ["date", "uname", "cpu", "mem", "cyan", "haproxy", "nginx", "wrk", "h2load", "openssl", "rustc", "pinning", "settings", "load_start", "load_end", "elapsed"]:
+for k in ["date", "uname", "cpu", "mem", "cyan", "cyan_build", "haproxy", "nginx", "wrk", "h2load", "openssl", "rustc", "pinning", "settings", "load_start", "load_end", "elapsed"]:
     if k in meta:
         doc.append(f"- **{k}**: {meta[k]}")
 doc.append("")
