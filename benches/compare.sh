@@ -766,7 +766,7 @@ mode_abort() {
     [[ -n "${CYAN_BIN:-}" ]] && build="CYAN_BIN=$CYAN_BIN"
     stamp=$(dirname "${CYAN_BIN:-$ROOT/target/release/cyan}")/BUILD
     if [[ -f "$stamp" ]] && grep -q "^sha256: *$sum" "$stamp"; then
-        build="$build: deploy/build-release.sh, PGO + BOLT, $(sed -n 's/^profile: *//p' "$stamp")"
+        build="$build: deploy/build-release.sh, PGO + BOLT, $(sed -n 's/^profile: *//p' "$stamp"), built from $(sed -n 's/^commit: *//p' "$stamp" | cut -c1-12)"
     fi
     echo "cyan_build=$build (sha256 ${sum:0:16})"
     echo "haproxy=$(haproxy -v 2>/dev/null | head -1)"

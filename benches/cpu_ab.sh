@@ -50,36 +50,43 @@ NPID=$!
 "${PIN_PROXY[@]}" haproxy -db -f "$WORK/h.cfg" >"$WORK/haproxy.log" 2>&1 &
 PIDS+=($!)
 HPID=$!
-for p in "$PORT" "$NPORT" "$HPORT"; do
+for p in "$PORT" "$NPORT" "$HPORT" "$TLS" "$NTLS" "$HTLS"; do
     wait_port "$p" || { echo "cpu_ab.sh: nothing answers on $p: $(tail -3 "$WORK"/*.log)" >&2; exit 1; }
 done
 
 head -c 4096 /dev/urandom >"$WORK/body-4k"
 # load SECONDS PORT TLS_PORT: LOAD's requests for SECONDS; prints the
-# generator's report, fails when any request failed.
+# generator's report. Fails, saying why, when the generator failed, any
+# request failed or none completed (the caller's `out=$(load ...)` runs
+# without errexit, so each step checks).
 load() {
-    local out
+    local out rc=0 port=$2 n
     case $LOAD in
-        get) out=$("${PIN_LOAD[@]}" wrk -t1 -c64 "-d$1s" -s "$CFG/users.lua" "http://127.0.0.1:$2/") ;;
-        post) out=$("${PIN_LOAD[@]}" h2load --h1 -c64 -D "$1" -d "$WORK/body-4k" "http://127.0.0.1:$2/") ;;
-        h2tls) out=$("${PIN_LOAD[@]}" h2load -c16 -m10 -D "$1" "https://127.0.0.1:$3/") ;;
+        get) out=$("${PIN_LOAD[@]}" wrk -t1 -c64 "-d$1s" -s "$CFG/users.lua" "http://127.0.0.1:$2/" 2>&1) || rc=$? ;;
+        post) out=$("${PIN_LOAD[@]}" h2load --h1 -c64 -D "$1" -d "$WORK/body-4k" "http://127.0.0.1:$2/" 2>&1) || rc=$? ;;
+        h2tls) port=$3 out=$("${PIN_LOAD[@]}" h2load -c16 -m10 -D "$1" "https://127.0.0.1:$3/" 2>&1) || rc=$? ;;
     esac
-    if grep -qE 'Non-2xx|Socket errors|[1-9][0-9]* failed' <<<"$out"; then
-        echo "cpu_ab.sh: errors under $LOAD on port $2: $out" >&2
+    n=$(completed "$out")
+    if ((rc != 0)) || grep -qE 'Non-2xx|Socket errors|[1-9][0-9]* failed' <<<"$out" || ! [[ $n =~ ^[1-9][0-9]*$ ]]; then
+        echo "cpu_ab.sh: $LOAD on port $port: exit $rc, $n requests completed: $out" >&2
         return 1
     fi
     echo "$out"
 }
-# Requests completed, from wrk's or h2load's report.
-completed() { awk '/ requests in /{print $1} /^requests: /{print $(NF-7)}' <<<"$1"; }
+# Requests that succeeded, from wrk's or h2load's report (h2load: the number
+# before "succeeded,").
+completed() {
+    awk '/ requests in /{print $1}
+         /^requests: /{for (i = 2; i <= NF; i++) if ($i == "succeeded,") print $(i - 1)}' <<<"$1"
+}
 
 ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12, $13}'; }
 for round in $(seq "$ROUNDS"); do
     for t in "old:$PORT:$TLS:$OPID" "new:$NPORT:$NTLS:$NPID" "haproxy:$HPORT:$HTLS:$HPID"; do
         IFS=: read -r name port tls pid <<<"$t"
-        load 2 "$port" "$tls" >/dev/null
+        load 2 "$port" "$tls" >/dev/null || exit 1
         read -r u0 s0 < <(ticks "$pid")
-        out=$(load "$DUR" "$port" "$tls")
+        out=$(load "$DUR" "$port" "$tls") || exit 1
         read -r u1 s1 < <(ticks "$pid")
         req=$(completed "$out")
         python3 -c '

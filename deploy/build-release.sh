@@ -1,34 +1,65 @@
 #!/usr/bin/env bash
 # The optimized cyan binary for hosts: profile-guided (benches/pgo.sh), then
 # laid out by BOLT (benches/bolt.sh), both trained on the same loopback load
-# (benches/lab.sh `lab_train`), then checked before it is published: the
-# tests that start cyan as a process (`cyan run`, `cyan ctl`,
-# `cyan test-backend`: the control plane's CLI, binary upgrades, fault
-# injection) run against it through CYAN_BIN.
+# (benches/lab.sh `lab_train`), then checked before it is published, with
+# CYAN_BIN pointing the tests at it:
+#   - the tests that start cyan as a process: `cyan run` reloads, restarts,
+#     state and `cyan ctl` (tests/control_plane.rs), binary upgrades that
+#     refuse no connection (tests/upgrade.rs);
+#   - the extended tier's scenarios against the real process
+#     (tests/extended.sh: slowloris, connection cap flood, split accuracy,
+#     split storm), at CYAN_EXT_SCALE (default here 0.2, a quick pass).
+# The rest of `cargo test` runs cyan's library inside the test process, so
+# it checks the source, not this binary.
 #
-#   bash deploy/build-release.sh    # -> target/optimized/cyan (~20 minutes on 2 cores)
+#   bash deploy/build-release.sh    # -> target/optimized/cyan (~15-25 minutes on 2 cores)
 #
 # Same source and features as `cargo build --release`; what it buys per
-# request is in benches/README.md ("PGO + BOLT"). The caller's RUSTFLAGS
-# are kept under both builds.
+# request is in benches/README.md ("PGO + BOLT: deploy/build-release.sh").
+# The caller's RUSTFLAGS are kept under both builds.
 #
 # Needs, besides cargo: llvm-profdata from rustc's LLVM (`rustup component
-# add llvm-tools`), llvm-bolt (Debian 12: `apt-get install bolt-19`), and
-# nginx, wrk, h2load (nghttp2-client), openssl, python3 for the training
-# lab. Traffic goes to 127.0.0.1 only; everything started is stopped by PID.
+# add llvm-tools`), llvm-bolt with its runtime (Debian 12: `apt-get install
+# bolt-19`; LLVM_BOLT overrides the path), and nginx, wrk, h2load
+# (nghttp2-client), openssl, python3 for the training lab. Traffic goes to
+# 127.0.0.1 only; everything started is stopped by PID.
 #
 # target/optimized/ gets the binary and BUILD (commit, rustc, profile,
-# sha256) only when every step, the tests included, passed; a failed run
-# leaves the last good one in place.
+# flags, sha256) only when every step, the tests included, passed, and the
+# checkout did not change under the build; a failed run leaves the last
+# good one in place.
 
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$ROOT/target/optimized
+SCALE=${CYAN_EXT_SCALE:-0.2}
 started=$SECONDS
 
 say() { echo "build-release.sh: $*"; }
 fail() { echo "build-release.sh: $*" >&2; exit 1; }
+
+# Every tool first: a missing one should not cost the PGO step's minutes.
+host=$(rustc -vV | sed -n 's/^host: //p')
+profdata=${LLVM_PROFDATA:-$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata}
+[[ -x "$profdata" ]] || fail "no llvm-profdata at $profdata; run: rustup component add llvm-tools"
+bolt=${LLVM_BOLT:-$(command -v llvm-bolt || command -v llvm-bolt-19 || true)}
+[[ -n "$bolt" && -x "$bolt" ]] || fail "no llvm-bolt; on Debian: apt-get install bolt-19 (or set LLVM_BOLT)"
+for t in nginx wrk h2load openssl python3; do
+    command -v "$t" >/dev/null || fail "$t is missing (the training lab needs nginx, wrk, h2load, openssl, python3)"
+done
+
+# What is built: the commit and the state of the sources, read now and
+# again at the end.
+source_state() {
+    git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown
+    git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock build.rs 2>/dev/null || true
+    git -C "$ROOT" diff HEAD -- src Cargo.toml Cargo.lock build.rs 2>/dev/null | sha256sum
+}
+before=$(source_state)
+commit=$(head -1 <<<"$before")
+[[ -z "$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock build.rs 2>/dev/null)" ]] ||
+    commit="$commit (with uncommitted changes in src/ or Cargo.*)"
 
 say "1/3 PGO profile (benches/pgo.sh)"
 PGO_BUILD=0 bash "$ROOT/benches/pgo.sh"
@@ -38,27 +69,36 @@ profiles=("$ROOT"/target/pgo/cyan-*.profdata)
 profile=${profiles[0]}
 
 say "2/3 PGO build laid out by BOLT (benches/bolt.sh)"
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$profile" bash "$ROOT/benches/bolt.sh"
-bin=$ROOT/target/bolt/cyan
+flags="${RUSTFLAGS:-} -Cprofile-use=$profile"
+RUSTFLAGS=$flags bash "$ROOT/benches/bolt.sh"
 
-say "3/3 the process-level tests against $bin"
-CYAN_BIN=$bin cargo test --locked --manifest-path "$ROOT/Cargo.toml" \
-    --test control_plane --test upgrade --test faults --test data_path ||
-    fail "tests failed against the optimized binary; target/optimized is unchanged"
-
+# The file tested is the file published: a copy of its own, out of reach
+# of another bolt.sh run.
 mkdir -p "$OUT"
-install -m 0755 "$bin" "$OUT/cyan.new"
+cand=$OUT/cyan.new
+install -m 0755 "$ROOT/target/bolt/cyan" "$cand"
+sum=$(sha256sum "$cand" | cut -d' ' -f1)
+
+say "3/3 the process-level tests against it"
+CYAN_BIN=$cand cargo test --locked --manifest-path "$ROOT/Cargo.toml" --test control_plane --test upgrade ||
+    fail "tests failed against the optimized binary; target/optimized/cyan is unchanged"
+CYAN_BIN=$cand CYAN_EXT_SCALE=$SCALE CYAN_EXT_SKIP=testssl,fuzz bash "$ROOT/tests/extended.sh" ||
+    fail "the extended scenarios failed against the optimized binary; target/optimized/cyan is unchanged"
+
+[[ "$(source_state)" == "$before" ]] ||
+    fail "the checkout changed during the build (commit or src/); build again from a still tree"
+[[ "$(sha256sum "$cand" | cut -d' ' -f1)" == "$sum" ]] || fail "$cand changed during the tests"
+
 {
-    echo "commit:  $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)$(
-        [[ -n "$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]] && echo ' (src modified)')"
+    echo "commit:  $commit"
     echo "rustc:   $(rustc -V)"
-    echo "bolt:    $("${LLVM_BOLT:-$(command -v llvm-bolt || command -v llvm-bolt-19)}" --version 2>/dev/null | grep -m1 -o 'LLVM version [0-9.]*' || echo '?')"
+    echo "bolt:    $("$bolt" --version 2>/dev/null | grep -m1 -o 'LLVM version [0-9.]*' || echo '?')"
     echo "profile: $(basename "$profile")"
-    echo "flags:   ${RUSTFLAGS:-}"
-    echo "sha256:  $(sha256sum "$OUT/cyan.new" | cut -d' ' -f1)"
+    echo "flags:   $flags -C link-arg=-Wl,--emit-relocs (then llvm-bolt, see benches/bolt.sh)"
+    echo "sha256:  $sum"
     echo "built:   $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } >"$OUT/BUILD.new"
-mv "$OUT/cyan.new" "$OUT/cyan"
+mv "$cand" "$OUT/cyan"
 mv "$OUT/BUILD.new" "$OUT/BUILD"
 "$OUT/cyan" --version
 say "built $OUT/cyan in $(((SECONDS - started) / 60))m$(((SECONDS - started) % 60))s"

@@ -52,6 +52,10 @@
 #   CYAN_EXT_SKIP            comma-separated: rust, testssl, fuzz
 #   CYAN_EXT_KEEP            1 keeps the work directory (logs, testssl JSON)
 #   CARGO_TARGET_DIR         honoured (the cyan binary is looked up there)
+#   CYAN_BIN                 test this cyan binary instead of cargo's release
+#                            build (e.g. deploy/build-release.sh's, before it is
+#                            published): the Rust scenarios and testssl.sh both
+#                            start it
 
 set -uo pipefail
 
@@ -63,6 +67,13 @@ FUZZ_SECONDS="${CYAN_EXT_FUZZ_SECONDS:-$(awk -v s="$SCALE" 'BEGIN { n = int(60 *
 SANITIZER="${CYAN_EXT_FUZZ_SANITIZER:-none}"
 SKIP=",${CYAN_EXT_SKIP:-},"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+if [ -n "${CYAN_BIN:-}" ]; then
+    [ -f "$CYAN_BIN" ] && [ -x "$CYAN_BIN" ] || { echo "extended.sh: CYAN_BIN=$CYAN_BIN is not an executable" >&2; exit 2; }
+    CYAN_BIN="$(realpath "$CYAN_BIN")"
+    export CYAN_BIN
+fi
+# The binary the scenarios start: tests/support cyan_exe() reads CYAN_BIN too.
+CYAN_EXE="${CYAN_BIN:-$TARGET_DIR/release/cyan}"
 WORK="$(mktemp -d /tmp/cyan-extended.XXXXXX)"
 RESULTS="$WORK/results.txt"
 : >"$RESULTS"
@@ -92,7 +103,7 @@ cleanup() {
     # that PID is still a cyan binary.
     if [ -f "$WORK/cyan.pids" ]; then
         while read -r pid; do
-            if [ -n "$pid" ] && [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$TARGET_DIR/release/cyan" ]; then
+            if [ -n "$pid" ] && [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$CYAN_EXE" ]; then
                 kill -KILL "$pid" 2>/dev/null
             fi
         done <"$WORK/cyan.pids"
@@ -183,8 +194,8 @@ run_testssl() {
         row "testssl: run" "testssl.sh or jq not installable" "runs" FAIL
         return
     fi
-    local cyan="$TARGET_DIR/release/cyan"
-    if [ ! -x "$cyan" ] || skipped rust; then
+    local cyan="$CYAN_EXE"
+    if [ -z "${CYAN_BIN:-}" ] && { [ ! -x "$cyan" ] || skipped rust; }; then
         log "building the cyan binary (release)"
         cargo build --release --bin cyan >"$WORK/build.log" 2>&1 || {
             row "testssl: run" "cargo build --release failed" "runs" FAIL

@@ -39,14 +39,20 @@ use cyan::server::Server;
 /// for this test run. The override runs those tests against another build of
 /// the same source, such as the PGO + BOLT binary that `deploy/build-release.sh`
 /// makes, which cargo cannot build itself. A `CYAN_BIN` that is not a file is
-/// an error, not a quiet fallback to cargo's binary.
+/// an error, not a quiet fallback to cargo's binary; an empty one counts as
+/// unset. A relative path is taken from the test's working directory, which
+/// under `cargo test` is the package root.
 pub fn cyan_exe() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     match std::env::var_os("CYAN_BIN") {
         Some(bin) if !bin.is_empty() => {
             let bin = PathBuf::from(bin);
+            let executable = std::fs::metadata(&bin)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false);
             assert!(
-                bin.is_file(),
-                "CYAN_BIN={} is not a file (unset it to test cargo's own binary)",
+                executable,
+                "CYAN_BIN={} is not an executable file (unset it to test cargo's own binary)",
                 bin.display()
             );
             // Absolute, so a test that changes directory still finds it.
