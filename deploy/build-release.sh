@@ -49,16 +49,19 @@ for t in nginx wrk h2load openssl python3; do
     command -v "$t" >/dev/null || fail "$t is missing (the training lab needs nginx, wrk, h2load, openssl, python3)"
 done
 
-# What is built: the commit and the state of the sources, read now and
-# again at the end.
+# What is built: the sources as committed (their tree and blob ids, so a
+# commit of docs alone changes nothing) and any uncommitted change to them,
+# read now and again at the end.
+SOURCES=(src Cargo.toml Cargo.lock)
 source_state() {
-    git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown
-    git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock build.rs 2>/dev/null || true
-    git -C "$ROOT" diff HEAD -- src Cargo.toml Cargo.lock build.rs 2>/dev/null | sha256sum
+    local p
+    for p in "${SOURCES[@]}"; do git -C "$ROOT" rev-parse "HEAD:$p" 2>/dev/null || echo "$p: ?"; done
+    git -C "$ROOT" status --porcelain -- "${SOURCES[@]}" 2>/dev/null || true
+    git -C "$ROOT" diff HEAD -- "${SOURCES[@]}" 2>/dev/null | sha256sum
 }
 before=$(source_state)
-commit=$(head -1 <<<"$before")
-[[ -z "$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock build.rs 2>/dev/null)" ]] ||
+commit=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
+[[ -z "$(git -C "$ROOT" status --porcelain -- "${SOURCES[@]}" 2>/dev/null)" ]] ||
     commit="$commit (with uncommitted changes in src/ or Cargo.*)"
 
 say "1/3 PGO profile (benches/pgo.sh)"
@@ -86,7 +89,7 @@ CYAN_BIN=$cand CYAN_EXT_SCALE=$SCALE CYAN_EXT_SKIP=testssl,fuzz bash "$ROOT/test
     fail "the extended scenarios failed against the optimized binary; target/optimized/cyan is unchanged"
 
 [[ "$(source_state)" == "$before" ]] ||
-    fail "the checkout changed during the build (commit or src/); build again from a still tree"
+    fail "src/ or Cargo.* changed during the build; build again from a still tree"
 [[ "$(sha256sum "$cand" | cut -d' ' -f1)" == "$sum" ]] || fail "$cand changed during the tests"
 
 {
