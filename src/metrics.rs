@@ -4,7 +4,11 @@
 //!
 //! The request path never looks a label up: [`PoolMetrics`] holds handles
 //! resolved once per (service, color) when a table is built and shared by
-//! every later table.
+//! every later table. Neither does a table change: the gauges it publishes
+//! ([`ServiceGauges`], [`PoolMetrics::stable`], an endpoint's `up`) are
+//! handles resolved with the service or endpoint, so a split change is a
+//! few atomic stores, not a label lookup (and an address formatted) per
+//! endpoint.
 
 use std::sync::Arc;
 
@@ -70,8 +74,20 @@ pub struct PoolMetrics {
     /// By [`ErrorKind`] as index.
     pub upstream_errors: [IntCounter; 3],
     pub retries: IntCounter,
+    /// `cyan_stable_color_info{service, color}`: 1 while this color is stable.
+    pub stable: IntGauge,
     /// Sliding window of outcomes for the rollback analysis.
     pub window: crate::stats::Window,
+}
+
+/// A service's table-level gauges, resolved once with the service and
+/// shared by every later table.
+#[derive(Debug)]
+pub struct ServiceGauges {
+    /// `cyan_candidate_share_ratio{service}`.
+    pub candidate_share: prometheus::Gauge,
+    /// `cyan_rollout_step{service}`.
+    pub rollout_step: IntGauge,
 }
 
 impl PoolMetrics {
@@ -374,8 +390,23 @@ impl Metrics {
             in_flight: self.in_flight.with_label_values(&[service, c]),
             upstream_errors: ErrorKind::ALL.map(err),
             retries: self.retries.with_label_values(&[service, c]),
+            stable: self.stable_color.with_label_values(&[service, c]),
             window: crate::stats::Window::new(bucket),
         }
+    }
+
+    /// Resolves a service's table-level gauges.
+    pub fn service_gauges(&self, service: &str) -> ServiceGauges {
+        ServiceGauges {
+            candidate_share: self.candidate_share.with_label_values(&[service]),
+            rollout_step: self.rollout_step.with_label_values(&[service]),
+        }
+    }
+
+    /// Resolves `cyan_endpoint_up{service, color, endpoint}`.
+    pub fn endpoint_up(&self, service: &str, color: Color, addr: std::net::SocketAddr) -> IntGauge {
+        self.endpoint_up
+            .with_label_values(&[service, color.as_str(), &addr.to_string()])
     }
 
     /// The registry, for callers that add their own families.

@@ -23,10 +23,11 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
+use prometheus::IntGauge;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Color, Config, HostPattern, ServiceConfig, UpstreamSettings};
-use crate::metrics::{Metrics, PoolMetrics};
+use crate::metrics::{Metrics, PoolMetrics, ServiceGauges};
 use crate::split::{seed_for_salt, SplitPolicy, BUCKETS};
 use crate::upstream::Upstream;
 
@@ -40,6 +41,9 @@ pub struct Endpoint {
     pub drained: bool,
     /// Health verdict (active/passive checks): unhealthy gets no traffic.
     pub healthy: bool,
+    /// `cyan_endpoint_up` for this endpoint, resolved once (see
+    /// [`publish_gauges`]).
+    pub up: IntGauge,
 }
 
 impl Endpoint {
@@ -129,6 +133,8 @@ pub struct Service {
     pub config: Arc<ServiceConfig>,
     pub rollout: Option<RolloutState>,
     pub rolled_back: Option<RollbackLatch>,
+    /// Its table-level gauges, shared by every later table.
+    pub gauges: Arc<ServiceGauges>,
 }
 
 impl Service {
@@ -243,7 +249,7 @@ impl RoutingTable {
             let mk_pool = |color: Color| -> Result<Pool, String> {
                 let pc = sc.pool(color);
                 let prev_pool = prev.map(|s| s.pool(color));
-                let metrics = match prev_pool {
+                let pool_metrics = match prev_pool {
                     Some(p) => p.metrics.clone(),
                     None => Arc::new(metrics.pool(&sc.name, color, sc.rollback.bucket)),
                 };
@@ -260,6 +266,10 @@ impl RoutingTable {
                         upstream,
                         drained: prev_ep.is_some_and(|e| e.drained),
                         healthy: prev_ep.is_none_or(|e| e.healthy),
+                        up: match prev_ep {
+                            Some(e) => e.up.clone(),
+                            None => metrics.endpoint_up(&sc.name, color, addr),
+                        },
                     });
                 }
                 let mut pool = Pool {
@@ -267,7 +277,7 @@ impl RoutingTable {
                     endpoints,
                     eligible: Vec::new(),
                     picks: Box::default(),
-                    metrics,
+                    metrics: pool_metrics,
                 };
                 pool.refresh();
                 Ok(pool)
@@ -291,6 +301,10 @@ impl RoutingTable {
                 config: Arc::new(sc.clone()),
                 rollout: prev.and_then(|p| p.rollout.clone()),
                 rolled_back: prev.and_then(|p| p.rolled_back.clone()),
+                gauges: match prev {
+                    Some(p) => p.gauges.clone(),
+                    None => Arc::new(metrics.service_gauges(&sc.name)),
+                },
             });
         }
         let listener_names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
@@ -973,23 +987,24 @@ impl Table {
     }
 }
 
+/// Sets the table-level gauges from `t`, through handles the table carries:
+/// no label lookups, no formatting, so a change applied every millisecond
+/// costs the proxy's thread little (`benches/swap_under_load.rs`).
 fn publish_gauges(m: &Metrics, t: &RoutingTable) {
     m.table_generation.set(t.generation as i64);
     for s in &t.services {
-        m.rollout_step
-            .with_label_values(&[&s.name])
+        s.gauges
+            .rollout_step
             .set(s.rollout.as_ref().map_or(-1, |r| r.step as i64));
-        m.candidate_share
-            .with_label_values(&[&s.name])
+        s.gauges
+            .candidate_share
             .set(f64::from(s.split.candidate_bp) / f64::from(BUCKETS));
-        for c in [Color::Blue, Color::Green] {
-            m.stable_color
-                .with_label_values(&[&s.name, c.as_str()])
-                .set((s.split.stable == c) as i64);
-            for e in &s.pool(c).endpoints {
-                m.endpoint_up
-                    .with_label_values(&[&s.name, c.as_str(), &e.addr.to_string()])
-                    .set(e.eligible() as i64);
+        for pool in &s.pools {
+            pool.metrics
+                .stable
+                .set((s.split.stable == pool.color) as i64);
+            for e in &pool.endpoints {
+                e.up.set(e.eligible() as i64);
             }
         }
     }
@@ -1372,5 +1387,95 @@ green = { endpoints = ["127.0.0.1:9001"] }
         for _ in 0..200 {
             assert_eq!(pool.pick(None), Some(1));
         }
+    }
+
+    /// The gauges a change publishes go through handles resolved when the
+    /// service or endpoint first appeared: they must still follow every
+    /// change, and a reload must give a new endpoint its own series and keep
+    /// a surviving one on the same series.
+    #[test]
+    fn gauges_follow_changes_and_reloads() {
+        let t = table();
+        let m = t.metrics().clone();
+        let share = || m.candidate_share.with_label_values(&["gateway"]).get();
+        let stable = |c: Color| {
+            m.stable_color
+                .with_label_values(&["gateway", c.as_str()])
+                .get()
+        };
+        let up = |c: Color, a: &str| {
+            m.endpoint_up
+                .with_label_values(&["gateway", c.as_str(), a])
+                .get()
+        };
+        let step = || m.rollout_step.with_label_values(&["gateway"]).get();
+        assert_eq!(share(), 0.1);
+        assert_eq!((stable(Color::Blue), stable(Color::Green)), (1, 0));
+        assert_eq!(up(Color::Blue, "127.0.0.1:8002"), 1);
+        assert_eq!(step(), -1);
+
+        let apply = |cmd: Command| t.apply(cmd.into()).unwrap();
+        apply(Command::SetSplit {
+            service: "gateway".into(),
+            candidate_bp: 2500,
+        });
+        assert_eq!(share(), 0.25);
+        apply(Command::SetHealth {
+            service: "gateway".into(),
+            color: Color::Blue,
+            addr: "127.0.0.1:8002".parse().unwrap(),
+            healthy: false,
+        });
+        assert_eq!(up(Color::Blue, "127.0.0.1:8002"), 0);
+        assert_eq!(up(Color::Blue, "127.0.0.1:8001"), 1);
+        apply(Command::RolloutStart {
+            service: "gateway".into(),
+            steps: vec![5000, 10000],
+            at_ms: 0,
+        });
+        assert_eq!((step(), share()), (0, 0.5));
+        apply(Command::Promote {
+            service: "gateway".into(),
+        });
+        assert_eq!((stable(Color::Blue), stable(Color::Green)), (0, 1));
+        // The other services' gauges are theirs alone.
+        assert_eq!(m.candidate_share.with_label_values(&["api"]).get(), 0.0);
+
+        // A reload: 8002 leaves blue, 8003 joins; the live state is kept.
+        let cfg = Config::parse(
+            r#"
+[[listener]]
+name = "public"
+listen = "127.0.0.1:0"
+
+[[service]]
+name = "gateway"
+blue  = { endpoints = ["127.0.0.1:8001", "127.0.0.1:8003"] }
+green = { endpoints = ["127.0.0.1:9001"] }
+
+[[service]]
+name = "new"
+hosts = ["new.example.com"]
+candidate_percent = 40
+blue  = { endpoints = ["127.0.0.1:8301"] }
+green = { endpoints = ["127.0.0.1:9301"] }
+"#,
+        )
+        .unwrap();
+        t.replace_config(&cfg, "test").unwrap();
+        assert_eq!(up(Color::Blue, "127.0.0.1:8003"), 1);
+        assert_eq!(stable(Color::Green), 1, "the promoted color stays stable");
+        assert_eq!(m.candidate_share.with_label_values(&["new"]).get(), 0.4);
+        apply(Command::SetDrained {
+            service: "gateway".into(),
+            addr: "127.0.0.1:8001".parse().unwrap(),
+            drained: true,
+        });
+        assert_eq!(up(Color::Blue, "127.0.0.1:8001"), 0);
+        assert_eq!(
+            m.table_generation.get() as u64,
+            t.load().generation,
+            "the generation gauge follows the table"
+        );
     }
 }
