@@ -26,21 +26,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 CFG=$HERE/compare
 
-BOLT=${LLVM_BOLT:-$(command -v llvm-bolt || command -v llvm-bolt-19 || true)}
-if [[ -z "$BOLT" || ! -x "$BOLT" ]]; then
-    echo "bolt.sh: no llvm-bolt; on Debian: apt-get install bolt-19 (or set LLVM_BOLT)" >&2
-    exit 2
-fi
-# Run from its LLVM tree (Debian's /usr/bin/llvm-bolt-19 is a link into
-# /usr/lib/llvm-19/bin): llvm-bolt looks for its instrumentation runtime
-# in ../lib beside the path it was started by.
-BOLT=$(readlink -f "$BOLT")
-if [[ ! -f "$(dirname "$BOLT")/../lib/libbolt_rt_instr.a" ]]; then
-    echo "bolt.sh: no libbolt_rt_instr.a beside $BOLT (../lib)" >&2
-    exit 2
-fi
 # shellcheck source=benches/lab.sh
 source "$HERE/lab.sh"
+lab_bolt bolt.sh
 lab_begin bolt.sh
 
 # BOLT moves code only where it knows every reference to it: the link

@@ -54,7 +54,6 @@ for p in "$PORT" "$NPORT" "$HPORT" "$TLS" "$NTLS" "$HTLS"; do
     wait_port "$p" || { echo "cpu_ab.sh: nothing answers on $p: $(tail -3 "$WORK"/*.log)" >&2; exit 1; }
 done
 
-head -c 4096 /dev/urandom >"$WORK/body-4k"
 # load SECONDS PORT TLS_PORT: LOAD's requests for SECONDS; prints the
 # generator's report. Fails, saying why, when the generator failed, any
 # request failed or none completed (the caller's `out=$(load ...)` runs
@@ -67,7 +66,7 @@ load() {
         h2tls) port=$3 out=$("${PIN_LOAD[@]}" h2load -c16 -m10 -D "$1" "https://127.0.0.1:$3/" 2>&1) || rc=$? ;;
     esac
     n=$(completed "$out")
-    if ((rc != 0)) || grep -qE 'Non-2xx|Socket errors|[1-9][0-9]* failed' <<<"$out" || ! [[ $n =~ ^[1-9][0-9]*$ ]]; then
+    if ((rc != 0)) || lab_load_failed "$out" || ! [[ $n =~ ^[1-9][0-9]*$ ]]; then
         echo "cpu_ab.sh: $LOAD on port $port: exit $rc, $n requests completed: $out" >&2
         return 1
     fi

@@ -9,9 +9,53 @@
 # PORT (plaintext listener), TLS (TLS listener), BLUE, GREEN, PIN_PROXY and
 # PIN_LOAD (taskset prefixes: CPU 0 for the proxy, CPU 1 for the rest, or
 # nothing on one CPU), $WORK/cyan.toml (plus CYAN_EXTRA when set),
-# $WORK/haproxy.cfg. `lab_begin` (pgo.sh, bolt.sh) checks the lab's tools,
-# makes WORK and sets the cleanup; `lab_train` runs a profiling build of
-# cyan under the training load.
+# $WORK/haproxy.cfg, $WORK/body-4k and $WORK/body-64k (request bodies).
+# `lab_begin` (pgo.sh, bolt.sh, cpu_ab.sh) checks the lab's tools, makes
+# WORK and sets the cleanup; `lab_train` runs a profiling build of cyan
+# under the training load. `lab_tools`, `lab_profdata` and `lab_bolt` find
+# what the lab and the two optimizing builds need, or exit 2 saying what is
+# missing (deploy/build-release.sh checks them all before it starts).
+
+# lab_tools TOOL: the lab's programs are on PATH.
+lab_tools() {
+    local t
+    for t in nginx wrk h2load openssl python3; do
+        command -v "$t" >/dev/null || { echo "$1: $t is missing" >&2; exit 2; }
+    done
+}
+
+# lab_profdata TOOL: sets PROFDATA to rustc's own llvm-profdata (Debian's
+# is an older LLVM that cannot read rustc's profiles; LLVM_PROFDATA
+# overrides).
+lab_profdata() {
+    local host
+    host=$(rustc -vV | sed -n 's/^host: //p')
+    PROFDATA=${LLVM_PROFDATA:-$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata}
+    if [[ ! -x "$PROFDATA" ]]; then
+        echo "$1: no llvm-profdata at $PROFDATA; run: rustup component add llvm-tools" >&2
+        exit 2
+    fi
+}
+
+# lab_bolt TOOL: sets BOLT to llvm-bolt (LLVM_BOLT overrides), resolved to
+# its LLVM tree: Debian's /usr/bin/llvm-bolt-19 is a link into
+# /usr/lib/llvm-19/bin, and llvm-bolt looks for its instrumentation runtime
+# in ../lib beside the path it was started by.
+lab_bolt() {
+    BOLT=${LLVM_BOLT:-$(command -v llvm-bolt || command -v llvm-bolt-19 || true)}
+    if [[ -z "$BOLT" || ! -x "$BOLT" ]]; then
+        echo "$1: no llvm-bolt; on Debian: apt-get install bolt-19 (or set LLVM_BOLT)" >&2
+        exit 2
+    fi
+    BOLT=$(readlink -f "$BOLT")
+    if [[ ! -f "$(dirname "$BOLT")/../lib/libbolt_rt_instr.a" ]]; then
+        echo "$1: no libbolt_rt_instr.a beside $BOLT (../lib)" >&2
+        exit 2
+    fi
+}
+
+# lab_load_failed OUTPUT: wrk's or h2load's report shows a failed request.
+lab_load_failed() { grep -qE 'Non-2xx|Socket errors|[1-9][0-9]* failed' <<<"$1"; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -46,6 +90,8 @@ lab_up() {
     sed -e "$subst" "$CFG/cyan.toml" >"$WORK/cyan.toml"
     if [[ -n "${CYAN_EXTRA:-}" ]]; then printf '\n%s\n' "$CYAN_EXTRA" >>"$WORK/cyan.toml"; fi
     sed -e "$subst" -e "s#@NBTHREAD@#1#" "$CFG/haproxy.cfg" >"$WORK/haproxy.cfg"
+    head -c 4096 /dev/urandom >"$WORK/body-4k"
+    head -c 65536 /dev/urandom >"$WORK/body-64k"
 }
 
 # lab_train TOOL BINARY: runs BINARY (an instrumented cyan) with
@@ -63,8 +109,6 @@ lab_train() {
     wait_port "$PORT" && wait_port "$TLS" || { echo "$tool: cyan did not start: $(tail -3 "$WORK/cyan.log")" >&2; return 1; }
     echo "$tool: training load"
     local load
-    head -c 4096 /dev/urandom >"$WORK/body-4k"
-    head -c 65536 /dev/urandom >"$WORK/body-64k"
     for load in \
         "wrk -t1 -c64 -d10s -s $CFG/users.lua http://127.0.0.1:$PORT/" \
         "h2load --h1 -c16 -n 30000 http://127.0.0.1:$PORT/" \
@@ -75,7 +119,7 @@ lab_train() {
         # shellcheck disable=SC2086 # the words of the command line
         out=$("${PIN_LOAD[@]}" $load 2>&1) || { echo "$tool: $load failed: $out" >&2; return 1; }
         grep -E '^requests:|Requests/sec' <<<"$out" | sed 's/^/  /'
-        if grep -qE 'Non-2xx|Socket errors|[1-9][0-9]* failed' <<<"$out"; then
+        if lab_load_failed "$out"; then
             echo "$tool: errors in the training load: $out" >&2
             return 1
         fi
@@ -97,10 +141,7 @@ lab_train() {
 # PIDS and TPID are empty, and on exit everything started is stopped by PID
 # and WORK removed. TOOL names the caller in messages.
 lab_begin() {
-    local t
-    for t in nginx wrk h2load openssl python3; do
-        command -v "$t" >/dev/null || { echo "$1: $t is missing" >&2; exit 2; }
-    done
+    lab_tools "$1"
     WORK=$(mktemp -d "/tmp/cyan-${1%.sh}.XXXXXX")
     PIDS=()
     TPID=

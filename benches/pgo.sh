@@ -24,14 +24,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 CFG=$HERE/compare
 
-host=$(rustc -vV | sed -n 's/^host: //p')
-PROFDATA=${LLVM_PROFDATA:-$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata}
-if [[ ! -x "$PROFDATA" ]]; then
-    echo "pgo.sh: no llvm-profdata at $PROFDATA; run: rustup component add llvm-tools" >&2
-    exit 2
-fi
 # shellcheck source=benches/lab.sh
 source "$HERE/lab.sh"
+lab_profdata pgo.sh
 lab_begin pgo.sh
 
 # Flags the caller set stay; the profile flags come on top.

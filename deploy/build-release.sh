@@ -39,15 +39,13 @@ started=$SECONDS
 say() { echo "build-release.sh: $*"; }
 fail() { echo "build-release.sh: $*" >&2; exit 1; }
 
-# Every tool first: a missing one should not cost the PGO step's minutes.
-host=$(rustc -vV | sed -n 's/^host: //p')
-profdata=${LLVM_PROFDATA:-$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata}
-[[ -x "$profdata" ]] || fail "no llvm-profdata at $profdata; run: rustup component add llvm-tools"
-bolt=${LLVM_BOLT:-$(command -v llvm-bolt || command -v llvm-bolt-19 || true)}
-[[ -n "$bolt" && -x "$bolt" ]] || fail "no llvm-bolt; on Debian: apt-get install bolt-19 (or set LLVM_BOLT)"
-for t in nginx wrk h2load openssl python3; do
-    command -v "$t" >/dev/null || fail "$t is missing (the training lab needs nginx, wrk, h2load, openssl, python3)"
-done
+# Every tool first, with the checks pgo.sh and bolt.sh make themselves: a
+# missing one should not cost the PGO step's minutes.
+# shellcheck source=benches/lab.sh
+source "$ROOT/benches/lab.sh"
+lab_profdata build-release.sh
+lab_bolt build-release.sh
+lab_tools build-release.sh
 
 # What is built: the sources as committed (their tree and blob ids, so a
 # commit of docs alone changes nothing) and any uncommitted change to them,
@@ -95,7 +93,7 @@ CYAN_BIN=$cand CYAN_EXT_SCALE=$SCALE CYAN_EXT_SKIP=testssl,fuzz bash "$ROOT/test
 {
     echo "commit:  $commit"
     echo "rustc:   $(rustc -V)"
-    echo "bolt:    $("$bolt" --version 2>/dev/null | grep -m1 -o 'LLVM version [0-9.]*' || echo '?')"
+    echo "bolt:    $("$BOLT" --version 2>/dev/null | grep -m1 -o 'LLVM version [0-9.]*' || echo '?')"
     echo "profile: $(basename "$profile")"
     echo "flags:   $flags -C link-arg=-Wl,--emit-relocs (then llvm-bolt, see benches/bolt.sh)"
     echo "sha256:  $sum"

@@ -404,7 +404,12 @@ impl Metrics {
     }
 
     /// Resolves `cyan_endpoint_up{service, color, endpoint}`.
-    pub fn endpoint_up(&self, service: &str, color: Color, addr: std::net::SocketAddr) -> IntGauge {
+    pub fn endpoint_gauge(
+        &self,
+        service: &str,
+        color: Color,
+        addr: std::net::SocketAddr,
+    ) -> IntGauge {
         self.endpoint_up
             .with_label_values(&[service, color.as_str(), &addr.to_string()])
     }

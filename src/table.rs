@@ -268,7 +268,7 @@ impl RoutingTable {
                         healthy: prev_ep.is_none_or(|e| e.healthy),
                         up: match prev_ep {
                             Some(e) => e.up.clone(),
-                            None => metrics.endpoint_up(&sc.name, color, addr),
+                            None => metrics.endpoint_gauge(&sc.name, color, addr),
                         },
                     });
                 }
